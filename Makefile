@@ -1,0 +1,45 @@
+# Fresh-machine entry points. Each target creates or refreshes its own virtualenv (.venv).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DEMO    ?= demo_out
+# Ray 2.60: a local ray.init() writes ~/.ray/auth_token, after which `ray start` turns on token auth and
+# `ray job submit` fails; local runs do without it.
+export RAY_AUTH_MODE ?= disabled
+export PYTHONUNBUFFERED = 1
+
+.PHONY: venv demo test test-unit test-integration bench clean
+
+# torch first, pinned: it is taken from the CPU build on local disk (a bare `torch` pulls a CUDA build).
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# The main job on its embedded default: synthetic world -> tantivy BM25 index -> rationales (tiny model).
+demo: venv
+	$(BIN)/python -m instructrag_ray.synthetic $(DEMO)/world
+	$(BIN)/python jobs/build_index.py --corpus $(DEMO)/world/corpus.jsonl --index $(DEMO)/index overwrite=true
+	$(BIN)/python jobs/synthesize.py --config configs/demo.yaml --input $(DEMO)/world/qa.jsonl \
+		--output $(DEMO)/synthesis retrieval.index_path=$(DEMO)/index
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+test-unit: venv
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+test-integration: venv
+	$(BIN)/python -m pytest -q -ra tests/integration
+
+bench: venv
+	$(BIN)/python benchmarks/synthesis.py
+	$(BIN)/python benchmarks/padding.py
+	$(BIN)/python benchmarks/retrieval.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

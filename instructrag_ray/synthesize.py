@@ -1,0 +1,346 @@
+"""Rationale synthesis (InstructRAG step 1) as one Ray Data chain.
+
+    read -> parse/validate -> select (resume, duplicates, limit) -> retrieve -> prompt -> generate
+         -> check -> write
+
+Every stage is a function or a callable class taking and returning a pyarrow batch (see batches.py);
+`run_synthesis` wires them with the resources from the config and reports progress as batches land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pyarrow as pa
+
+from . import prompts, read, write
+from .answers import has_answer
+from .batches import add_columns, ok_rows, reject, require
+from .config import SynthesizeConfig, to_dict
+from .generate import GenerateStage
+from .tiny_model import resolve_model
+
+# Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
+# (an actor pool that takes every CPU starves the read/map tasks and the job hangs silently).
+TASK_CPUS = 0.1
+
+
+def log(message: str) -> None:
+    print(f"[synthesize] {message}", flush=True)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def select_rows(batch: pa.Table, skip_ref, duplicate_ref, keep_ref) -> pa.Table:
+    """Stage `select`: reads id, source, line. Drops rows already in the output (resume) and rows past
+    `limit`; marks all but the first row of a duplicated id as rejected (stage validate, duplicate_id)."""
+    skip, duplicates, keep = _cached_get(skip_ref), _cached_get(duplicate_ref), _cached_get(keep_ref)
+    rows = []
+    for row in batch.to_pylist():
+        position = (row["source"], row["line"])
+        if keep is not None and position not in keep:
+            continue
+        if row["id"] in skip:
+            continue
+        if position in duplicates:
+            reject(row, "validate", "duplicate_id",
+                   f"id {row['id']} appears more than once in the input; the first occurrence was kept")
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+_OBJECTS: dict = {}
+
+
+def _cached_get(ref):
+    """ray.get once per worker process: the id sets can be large, so they travel by object ref."""
+    import ray
+
+    if ref is None:
+        return None
+    key = ref.hex()
+    if key not in _OBJECTS:
+        _OBJECTS[key] = ray.get(ref)
+    return _OBJECTS[key]
+
+
+class RetrieveStage:
+    """Stage `retrieve` (actor; the index is opened once): reads question, ctxs; fills ctxs and
+    ctxs_source='retrieved' for rows without ctxs. Rows that arrived with ctxs pass untouched; a
+    failed or empty search rejects only its row (stage retrieve)."""
+
+    def __init__(self, backend: str, index_path: str, fields: str, top_k: int):
+        from .retrieve import TantivyRetriever
+
+        self.retriever = TantivyRetriever(index_path, fields=fields)
+        self.top_k = top_k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .retrieve import QueryFailure
+
+        require(batch, "retrieve", "question", "ctxs")
+        rows = batch.to_pylist()
+        todo = [i for i in ok_rows(rows) if rows[i]["ctxs"] is None]
+        results = self.retriever.batch_search([rows[i]["question"] for i in todo], self.top_k) if todo else []
+        for i, hits in zip(todo, results):
+            if isinstance(hits, QueryFailure):
+                reject(rows[i], "retrieve", "search_failed", hits.reason)
+            elif not hits:
+                reject(rows[i], "retrieve", "no_documents",
+                       "the search returned no document (no question term occurs in the index)")
+            else:
+                rows[i]["ctxs"] = [{"id": h.id, "title": h.title, "text": h.text, "score": h.score} for h in hits]
+                rows[i]["ctxs_source"] = "retrieved"
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+class PromptStage:
+    """Stage `prompt` (actor; the tokenizer is loaded once): reads question, answers, dataset, ctxs;
+    adds prompt, prompt_tokens, truncated_tokens (PAPER.md's synthesis prompt, chat-template rendered,
+    documents cut from the left to fit max_model_len - max_new_tokens)."""
+
+    def __init__(self, model: str, num_docs: int, max_model_len: int, max_new_tokens: int):
+        from transformers import AutoTokenizer
+
+        path = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.num_docs = num_docs
+        self.budget = resolve_max_model_len(path, max_model_len) - max_new_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, "prompt", "question", "answers", "dataset", "ctxs")
+        rows = batch.to_pylist()
+        texts, tokens, cut = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+        for i in ok_rows(rows):
+            row = rows[i]
+            docs = prompts.order_docs(row["ctxs"], self.num_docs)
+            parts = prompts.synthesis_parts(row["question"], row["answers"], row["dataset"], docs)
+            try:
+                rendered = prompts.render(self.tokenizer, parts, self.budget)
+            except prompts.PromptTooLong as e:
+                reject(row, "prompt", "prompt_too_long", str(e))
+                continue
+            texts[i], tokens[i], cut[i] = rendered.text, rendered.tokens, rendered.truncated_tokens
+        return add_columns(batch, rows, {"prompt": texts, "prompt_tokens": tokens, "truncated_tokens": cut})
+
+
+def resolve_max_model_len(model_path: str, max_model_len: int) -> int:
+    """The configured context budget, else the model's own (max_position_embeddings)."""
+    if max_model_len:
+        return max_model_len
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
+
+
+def check_batch(batch: pa.Table, num_docs: int) -> pa.Table:
+    """Stage `check`: reads rationale, answers, ctxs; adds consistent (a gold answer occurs in the
+    rationale, PAPER.md's rule) and answer_in_docs (a gold answer occurs in a prompt document)."""
+    require(batch, "check", "rationale", "answers", "ctxs")
+    rows = batch.to_pylist()
+    consistent, in_docs = [None] * len(rows), [None] * len(rows)
+    for i in ok_rows(rows):
+        row = rows[i]
+        consistent[i] = has_answer(row["rationale"], row["answers"])
+        in_docs[i] = any(has_answer(d["text"], row["answers"]) for d in prompts.order_docs(row["ctxs"], num_docs))
+    return add_columns(batch, rows, {"consistent": consistent, "answer_in_docs": in_docs})
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What the id pass found: which rows this run processes."""
+
+    total: int
+    todo: int
+    skipped: int
+    duplicates: set
+    keep: set | None
+    need_retrieval: int
+
+
+def plan_rows(parsed, skip: set[str], limit: int) -> Plan:
+    """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
+    table = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
+    import ray
+
+    tables = [t for t in ray.get(table) if t.num_rows]
+    rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
+    keep: set | None = set() if limit else None
+    seen, duplicates = set(), set()
+    kept = 0
+    for row in rows:
+        if limit and kept >= limit:
+            break
+        position = (row["source"], row["line"])
+        if keep is not None:
+            keep.add(position)
+        kept += 1
+        if row["id"] in seen:
+            duplicates.add(position)
+        seen.add(row["id"])
+    considered = rows[:kept]
+    skipped = sum(r["id"] in skip for r in considered)
+    need = sum(r["reject_stage"] is None and r["ctxs_source"] is None and r["id"] not in skip for r in considered)
+    return Plan(total=kept, todo=kept - skipped, skipped=skipped, duplicates=duplicates, keep=keep,
+                need_retrieval=need)
+
+
+def init_ray(address: str = "") -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    ray.init(address=address or None, log_to_driver=True)
+
+
+def run_synthesis(cfg: SynthesizeConfig) -> dict:
+    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json)."""
+    import ray
+
+    started = time.time()
+    fingerprint = cfg.fingerprint()
+    existing = write.prepare_output(cfg.output, fingerprint, cfg.overwrite)
+    # Fail early on a model that does not load (the prompt stage needs its tokenizer and chat template,
+    # even for the template baseline); this also builds the tiny model once on the driver's node.
+    _check_model(cfg.generation.model)
+    init_ray(cfg.ray_address)
+
+    dataset = read.default_dataset(cfg.input, cfg.dataset)
+    log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
+    parsed = read.read_raw(cfg.input).map_batches(
+        read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
+
+    plan = plan_rows(parsed, existing.ids, cfg.limit)
+    log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
+    if plan.need_retrieval and not cfg.retrieval.index_path:
+        raise SystemExit(
+            f"error: {plan.need_retrieval} rows have no ctxs and retrieval.index_path is not set; build an index "
+            "with jobs/build_index.py and pass retrieval.index_path=DIR, or give rows pre-retrieved ctxs")
+
+    g, r = cfg.generation, cfg.retrieval
+    ds = parsed.map_batches(
+        select_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
+        fn_kwargs={"skip_ref": ray.put(existing.ids), "duplicate_ref": ray.put(plan.duplicates),
+                   "keep_ref": ray.put(plan.keep) if plan.keep is not None else None})
+    if plan.need_retrieval:
+        ds = ds.map_batches(
+            RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
+            fn_constructor_kwargs={"backend": r.backend, "index_path": r.index_path, "fields": r.fields,
+                                   "top_k": r.top_k})
+    ds = ds.map_batches(
+        PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
+        fn_constructor_kwargs={"model": g.model, "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
+                               "max_new_tokens": g.max_new_tokens})
+    ds = ds.map_batches(
+        GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
+        fn_constructor_kwargs={"engine": g.engine, "model": g.model, "num_docs": cfg.prompt.num_docs,
+                               "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                               "dtype": g.dtype, "micro_batch_size": g.micro_batch_size,
+                               "sort_by_length": g.sort_by_length, "use_gpu": g.num_gpus > 0, "seed": g.seed})
+    ds = ds.map_batches(check_batch, batch_format="pyarrow", fn_kwargs={"num_docs": cfg.prompt.num_docs},
+                        num_cpus=TASK_CPUS)
+    stats = ds.map_batches(write.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                           fn_kwargs={"output": cfg.output, "fingerprint": fingerprint})
+
+    run = _follow(stats, plan.todo, cfg.progress_interval_s)
+    wall = time.time() - started
+    totals = write.output_totals(cfg.output)
+    manifest = {
+        "job": "synthesize",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": to_dict(cfg),
+        "config_fingerprint": fingerprint,
+        "versions": package_versions(),
+        "input_rows": plan.total,
+        "this_run": {**run, "resumed_rows_skipped": plan.skipped, "wall_time_s": round(wall, 2),
+                     "rows_per_s": round((run["written"] + run["rejected"]) / wall, 3) if wall else None,
+                     "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
+        "totals": totals,
+        "outputs": {"rationales": os.path.join(cfg.output, write.RATIONALES),
+                    "rejected": os.path.join(cfg.output, write.REJECTED)},
+    }
+    write.write_manifest(cfg.output, manifest)
+    _summary(manifest)
+    return manifest
+
+
+def _check_model(model: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        path = resolve_model(model)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
+        raise SystemExit(f"error: generation.model={model!r} could not be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); pass a local Hugging Face model directory, "
+                         "a hub name available offline, or 'tiny'") from None
+    if not tokenizer.chat_template:
+        raise SystemExit(f"error: the tokenizer of {model!r} has no chat template; use an instruction-tuned "
+                         "model (prompts are rendered with the model's own chat template)")
+
+
+def _follow(stats, todo: int, interval: float) -> dict:
+    """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
+    run = {"written": 0, "rejected": 0, "consistent": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    reasons: Counter = Counter()
+    start = last = time.time()
+    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            for key in run:
+                run[key] += row[key]
+            reasons.update(json.loads(row["reasons"]))
+        now = time.time()
+        if now - last >= interval:
+            last = now
+            done = run["written"] + run["rejected"]
+            rate = done / (now - start)
+            eta = f", ETA {(todo - done) / rate:.0f}s" if rate and todo > done else ""
+            log(f"{done}/{todo} rows ({run['written']} written, {run['rejected']} rejected), "
+                f"{rate:.2f} rows/s, {run['completion_tokens'] / (now - start):.1f} tokens/s{eta}")
+    run["reject_reasons"] = dict(sorted(reasons.items()))
+    return run
+
+
+def _summary(m: dict) -> None:
+    run, totals = m["this_run"], m["totals"]
+    log("done")
+    print(f"  input rows          {m['input_rows']}  (resumed, skipped: {run['resumed_rows_skipped']})")
+    print(f"  this run            {run['written']} rationales, {run['rejected']} rejected "
+          f"in {run['wall_time_s']}s ({run['rows_per_s']} rows/s, {run['completion_tokens_per_s']} tokens/s)")
+    for reason, n in run["reject_reasons"].items():
+        print(f"    rejected {reason:<28} {n}")
+    cons = totals["consistency"]
+    print(f"  output totals       {totals['rationales']} rationales, {totals['rejected']} rejected; consistency "
+          f"{'n/a' if cons is None else f'{cons:.1%}'}")
+    print(f"  rationales          {m['outputs']['rationales']}")
+    print(f"  rejected            {m['outputs']['rejected']}")
+    print(f"  manifest            {os.path.join(m['config']['output'], write.MANIFEST)}", flush=True)
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": sys.platform}
+    for name in ("instructrag-ray", "ray", "torch", "transformers", "pyarrow", "tantivy", "elasticsearch",
+                 "deepspeed", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

@@ -1,0 +1,149 @@
+"""Writing outputs: Parquet with explicit schemas, block by block, resume, and the manifest.
+
+Layout of an output directory:
+    rationales/part-*.parquet   schemas/rationales.json
+    rejected/part-*.parquet     schemas/rejected.json
+    manifest.json               written last: the job finished
+
+Each batch is written as its own files the moment it is done (temporary name, then an atomic rename),
+so a job that dies keeps every finished batch and never leaves a half-written file. A rerun reads the
+ids and fingerprints already written, skips those ids, and refuses to mix settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schemas
+
+RATIONALES, REJECTED, MANIFEST = "rationales", "rejected", "manifest.json"
+
+
+class ResumeConflict(RuntimeError):
+    """The output directory holds rows written with other settings."""
+
+
+def write_table(table: pa.Table, directory: Path, prefix: str = "part") -> Path | None:
+    """Write one Parquet file atomically (temp file + rename); None when the table is empty."""
+    if table.num_rows == 0:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}-{uuid.uuid4().hex}.parquet"
+    tmp = directory / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, directory / name)
+    return directory / name
+
+
+def write_batch(batch: pa.Table, output: str, fingerprint: str) -> pa.Table:
+    """Stage `write`: reads every in-flight column; writes healthy rows to rationales/ and rejected rows
+    to rejected/, each with its explicit schema; returns one stats row for progress and the summary."""
+    rows = batch.to_pylist()
+    good = [r for r in rows if r["reject_stage"] is None]
+    bad = [r for r in rows if r["reject_stage"] is not None]
+    out = Path(output)
+    rationale_schema = schemas.load("rationales")
+    for r in good:
+        r["config_fingerprint"] = fingerprint
+    write_table(pa.Table.from_pylist([{c: r[c] for c in rationale_schema.names} for r in good],
+                                     schema=rationale_schema), out / RATIONALES)
+    rejected = [{"id": r["id"], "dataset": r["dataset"], "stage": r["reject_stage"], "reason": r["reject_reason"],
+                 "detail": r["reject_detail"], "original": r["original"], "config_fingerprint": fingerprint}
+                for r in bad]
+    write_table(pa.Table.from_pylist(rejected, schema=schemas.load("rejected")), out / REJECTED)
+    reasons = Counter(f"{r['reject_stage']}:{r['reject_reason']}" for r in bad)
+    return pa.table({
+        "written": [len(good)],
+        "rejected": [len(bad)],
+        "reasons": [json.dumps(reasons)],
+        "consistent": [sum(bool(r["consistent"]) for r in good)],
+        "prompt_tokens": [sum(r["prompt_tokens"] for r in good)],
+        "completion_tokens": [sum(r["completion_tokens"] for r in good)],
+    })
+
+
+@dataclass
+class ExistingOutput:
+    """What an output directory already holds."""
+
+    ids: set[str] = field(default_factory=set)
+    fingerprints: set[str] = field(default_factory=set)
+    files: int = 0
+
+
+def scan_output(output: str) -> ExistingOutput:
+    """Ids and fingerprints already written under rationales/ and rejected/ (only those two columns are read)."""
+    found = ExistingOutput()
+    for sub in (RATIONALES, REJECTED):
+        for file in sorted((Path(output) / sub).glob("*.parquet")):
+            table = pq.read_table(file, columns=["id", "config_fingerprint"])
+            found.ids.update(table.column("id").to_pylist())
+            found.fingerprints.update(table.column("config_fingerprint").to_pylist())
+            found.files += 1
+    return found
+
+
+def prepare_output(output: str, fingerprint: str, overwrite: bool) -> ExistingOutput:
+    """Check an output directory before a run: resume it, clear it (overwrite), or refuse."""
+    existing = scan_output(output)
+    other = existing.fingerprints - {fingerprint}
+    if other and not overwrite:
+        raise ResumeConflict(
+            f"{output} holds rows written with other settings (config fingerprint {sorted(other)[0]}, "
+            f"now {fingerprint}); use a new --output, or pass overwrite=true to delete them and start again"
+        )
+    if other or (overwrite and existing.files):
+        clear_output(output)
+        return ExistingOutput()
+    return existing
+
+
+def clear_output(output: str) -> None:
+    for sub in (RATIONALES, REJECTED):
+        shutil.rmtree(Path(output) / sub, ignore_errors=True)
+    (Path(output) / MANIFEST).unlink(missing_ok=True)
+
+
+def output_totals(output: str) -> dict:
+    """Totals over everything in the output directory (this run and earlier resumed runs)."""
+    totals = {"rationales": 0, "rejected": 0, "consistent": 0, "answer_in_docs": 0,
+              "consistent_when_answer_in_docs": 0, "prompt_tokens": 0, "completion_tokens": 0,
+              "finish_reasons": Counter(), "reject_reasons": Counter()}
+    for file in sorted((Path(output) / RATIONALES).glob("*.parquet")):
+        t = pq.read_table(file, columns=["consistent", "answer_in_docs", "prompt_tokens", "completion_tokens",
+                                         "finish_reason"]).to_pydict()
+        totals["rationales"] += len(t["consistent"])
+        totals["consistent"] += sum(t["consistent"])
+        totals["answer_in_docs"] += sum(t["answer_in_docs"])
+        totals["consistent_when_answer_in_docs"] += sum(c and a for c, a in zip(t["consistent"], t["answer_in_docs"]))
+        totals["prompt_tokens"] += sum(t["prompt_tokens"])
+        totals["completion_tokens"] += sum(t["completion_tokens"])
+        totals["finish_reasons"].update(t["finish_reason"])
+    for file in sorted((Path(output) / REJECTED).glob("*.parquet")):
+        t = pq.read_table(file, columns=["stage", "reason"]).to_pydict()
+        totals["rejected"] += len(t["stage"])
+        totals["reject_reasons"].update(f"{s}:{r}" for s, r in zip(t["stage"], t["reason"]))
+    totals["consistency"] = totals["consistent"] / totals["rationales"] if totals["rationales"] else None
+    totals["consistency_when_answer_in_docs"] = (
+        totals["consistent_when_answer_in_docs"] / totals["answer_in_docs"] if totals["answer_in_docs"] else None)
+    totals["finish_reasons"] = dict(totals["finish_reasons"])
+    totals["reject_reasons"] = dict(sorted(totals["reject_reasons"].items()))
+    return totals
+
+
+def write_manifest(output: str, manifest: dict) -> Path:
+    """Write manifest.json last (atomically): its presence means the job finished."""
+    path = Path(output) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
