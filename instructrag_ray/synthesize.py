@@ -40,19 +40,21 @@ def log(message: str) -> None:
 
 
 def select_rows(batch: pa.Table, skip_ref, duplicate_ref, keep_ref) -> pa.Table:
-    """Stage `select`: reads id, source, line. Drops rows already in the output (resume) and rows past
-    `limit`; marks all but the first row of a duplicated id as rejected (stage validate, duplicate_id)."""
+    """Stage `select`: reads id, source, line. Drops rows past `limit` and rows already in the output
+    (resume); marks all but the first row of a duplicated id as rejected (stage validate, duplicate_id)."""
     skip, duplicates, keep = _cached_get(skip_ref), _cached_get(duplicate_ref), _cached_get(keep_ref)
     rows = []
     for row in batch.to_pylist():
         position = (row["source"], row["line"])
         if keep is not None and position not in keep:
             continue
-        if row["id"] in skip:
-            continue
         if position in duplicates:
+            if duplicates[position]:  # this extra copy was rejected by an earlier run
+                continue
             reject(row, "validate", "duplicate_id",
                    f"id {row['id']} appears more than once in the input; the first occurrence was kept")
+        elif row["id"] in skip:
+            continue
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=batch.schema)
 
@@ -164,12 +166,12 @@ class Plan:
     total: int
     todo: int
     skipped: int
-    duplicates: set
+    duplicates: dict  # (source, line) of every extra copy of an id -> already rejected by an earlier run
     keep: set | None
     need_retrieval: int
 
 
-def plan_rows(parsed, skip: set[str], limit: int) -> Plan:
+def plan_rows(parsed, existing: write.ExistingOutput, limit: int) -> Plan:
     """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
     table = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
     import ray
@@ -177,21 +179,22 @@ def plan_rows(parsed, skip: set[str], limit: int) -> Plan:
     tables = [t for t in ray.get(table) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
     keep: set | None = set() if limit else None
-    seen, duplicates = set(), set()
-    kept = 0
-    for row in rows:
-        if limit and kept >= limit:
-            break
+    seen, duplicates = set(), {}
+    considered = rows[:limit] if limit else rows
+    skipped = need = 0
+    for row in considered:
         position = (row["source"], row["line"])
         if keep is not None:
             keep.add(position)
-        kept += 1
         if row["id"] in seen:
-            duplicates.add(position)
-        seen.add(row["id"])
-    considered = rows[:kept]
-    skipped = sum(r["id"] in skip for r in considered)
-    need = sum(r["reject_stage"] is None and r["ctxs_source"] is None and r["id"] not in skip for r in considered)
+            duplicates[position] = row["id"] in existing.duplicate_ids
+            skipped += duplicates[position]
+        else:
+            seen.add(row["id"])
+            done = row["id"] in existing.ids
+            skipped += done
+            need += not done and row["reject_stage"] is None and row["ctxs_source"] is None
+    kept = len(considered)
     return Plan(total=kept, todo=kept - skipped, skipped=skipped, duplicates=duplicates, keep=keep,
                 need_retrieval=need)
 
@@ -222,7 +225,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     parsed = read.read_raw(cfg.input).map_batches(
         read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
 
-    plan = plan_rows(parsed, existing.ids, cfg.limit)
+    plan = plan_rows(parsed, existing, cfg.limit)
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
     if plan.need_retrieval and not cfg.retrieval.index_path:
         raise SystemExit(

@@ -75,20 +75,30 @@ def write_batch(batch: pa.Table, output: str, fingerprint: str) -> pa.Table:
 class ExistingOutput:
     """What an output directory already holds."""
 
-    ids: set[str] = field(default_factory=set)
+    ids: set[str] = field(default_factory=set)            # done: a rationale or a reject for the row
+    duplicate_ids: set[str] = field(default_factory=set)  # ids whose extra copies were already rejected
     fingerprints: set[str] = field(default_factory=set)
     files: int = 0
 
 
 def scan_output(output: str) -> ExistingOutput:
-    """Ids and fingerprints already written under rationales/ and rejected/ (only those two columns are read)."""
+    """Ids and fingerprints already written under rationales/ and rejected/ (only a few columns are read).
+
+    A `duplicate_id` reject shares its id with the row that was kept, so it must not mark that id
+    done: it goes to `duplicate_ids` instead.
+    """
     found = ExistingOutput()
-    for sub in (RATIONALES, REJECTED):
-        for file in sorted((Path(output) / sub).glob("*.parquet")):
-            table = pq.read_table(file, columns=["id", "config_fingerprint"])
-            found.ids.update(table.column("id").to_pylist())
-            found.fingerprints.update(table.column("config_fingerprint").to_pylist())
-            found.files += 1
+    for file in sorted((Path(output) / RATIONALES).glob("*.parquet")):
+        table = pq.read_table(file, columns=["id", "config_fingerprint"]).to_pydict()
+        found.ids.update(table["id"])
+        found.fingerprints.update(table["config_fingerprint"])
+        found.files += 1
+    for file in sorted((Path(output) / REJECTED).glob("*.parquet")):
+        table = pq.read_table(file, columns=["id", "reason", "config_fingerprint"]).to_pydict()
+        for rid, reason in zip(table["id"], table["reason"]):
+            (found.duplicate_ids if reason == "duplicate_id" else found.ids).add(rid)
+        found.fingerprints.update(table["config_fingerprint"])
+        found.files += 1
     return found
 
 
