@@ -137,6 +137,84 @@ class BuildIndexConfig:
             raise ConfigError("index is required: pass --index DIR")
 
 
+# --- evaluation ------------------------------------------------------------------------------------
+
+# The methods jobs/evaluate.py compares (instructrag_ray/evaluate.py builds their prompts).
+EVAL_METHODS = ("instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval")
+ICL_METHODS = ("instructrag-icl", "icl-qa")
+
+
+@dataclass
+class DemosConfig:
+    path: str = opt("", "ICL demonstrations (instructrag-icl, icl-qa): a synthesis output directory or its rationales/, a rationale .parquet, or a JSON/JSONL file of {question, rationale[, answers]}")
+    num: int = opt(2, "N: demonstrations per prompt (paper: 2)", minimum=1)
+    seed: int = opt(0, "seed of the reproducible draw of demonstrations (consistent rationales only, test ids excluded)")
+    pool: str = choice("same", "same", "any", doc="same: demonstrations from the test row's own dataset (rows without a dataset, as in a JSON file, serve every dataset); any: from every dataset in the file")
+
+
+@dataclass
+class MetricsConfig:
+    resamples: int = opt(1000, "bootstrap resamples for the confidence intervals", minimum=10)
+    confidence: float = opt(0.95, "confidence level of the intervals (between 0 and 1)", minimum=0)
+    seed: int = opt(0, "bootstrap seed")
+
+
+@dataclass
+class EvaluateConfig:
+    input: str = opt("", "test QA rows: .jsonl, .json, .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk; every row needs gold answers")
+    dataset: str = opt("", "dataset name for rows that carry none; default: guessed from the file name, else the file name")
+    output: str = opt("", "output directory: predictions/, rejected/, metrics.json, report.md, report.png, manifest.json")
+    methods: str = opt(",".join(EVAL_METHODS), f"comma-separated methods to run (any of: {', '.join(EVAL_METHODS)})")
+    ft_model: str = opt("", "the fine-tuned model directory (jobs/train.py's <output>/model) that instructrag-ft uses; every other method uses generation.model")
+    limit: int = opt(0, "evaluate at most this many input rows (0 = all)", minimum=0)
+    overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
+    ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
+    progress_interval_s: float = opt(10.0, "seconds between progress lines", minimum=0)
+    demos: DemosConfig = field(default_factory=DemosConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def method_list(self) -> list[str]:
+        """The chosen methods, in the order given, without repeats."""
+        return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input is required: pass --input PATH (test QA rows with gold answers)")
+        if not self.output:
+            raise ConfigError("output is required: pass --output DIR")
+        methods = self.method_list()
+        if not methods:
+            raise ConfigError(f"methods is empty; choose from: {', '.join(EVAL_METHODS)}")
+        for m in methods:
+            if m not in EVAL_METHODS:
+                near = difflib.get_close_matches(m, EVAL_METHODS, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"config key 'methods' names unknown method {m!r}{hint}; allowed: {', '.join(EVAL_METHODS)}")
+        if "instructrag-ft" in methods and not self.ft_model:
+            raise ConfigError("methods includes instructrag-ft but ft_model is empty; pass ft_model=DIR (the fine-tuned "
+                              "model, jobs/train.py's <output>/model) or leave instructrag-ft out of methods")
+        if any(m in ICL_METHODS for m in methods) and not self.demos.path:
+            raise ConfigError("methods includes instructrag-icl or icl-qa but demos.path is empty; pass demos.path= a "
+                              "synthesis output directory (its rationales/) or a demos JSON file")
+        if self.generation.engine != "transformers":
+            raise ConfigError(f"config key 'generation.engine' is {self.generation.engine!r}; evaluation allows only "
+                              "transformers (the template baseline reads the gold answers)")
+        if not 0 < self.metrics.confidence < 1:
+            raise ConfigError(f"config key 'metrics.confidence' is {self.metrics.confidence!r}; it must be between 0 and 1")
+        if self.generation.max_actors < self.generation.min_actors:
+            raise ConfigError("generation.max_actors must be >= generation.min_actors")
+        if self.retrieval.max_actors < self.retrieval.min_actors:
+            raise ConfigError("retrieval.max_actors must be >= retrieval.min_actors")
+        if self.prompt.num_docs > self.retrieval.top_k:
+            raise ConfigError(
+                f"prompt.num_docs ({self.prompt.num_docs}) is larger than retrieval.top_k ({self.retrieval.top_k}); "
+                "raise retrieval.top_k or lower prompt.num_docs"
+            )
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 
@@ -281,7 +359,8 @@ def markdown_reference(cls: type) -> str:
 
 
 # Every job's config, in README order (the README's reference tables are generated from these).
-JOB_CONFIGS = {"jobs/synthesize.py": SynthesizeConfig, "jobs/build_index.py": BuildIndexConfig}
+JOB_CONFIGS = {"jobs/synthesize.py": SynthesizeConfig, "jobs/build_index.py": BuildIndexConfig,
+               "jobs/evaluate.py": EvaluateConfig}
 
 if __name__ == "__main__":
     for job, job_cls in JOB_CONFIGS.items():

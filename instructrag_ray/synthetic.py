@@ -294,15 +294,15 @@ _P3_FILLERS = (
 
 _WORK_OPENINGS = {
     # kind: (with genre, without genre)
-    "album": ("{T} is a {work_year} {genre} album by {creator}.",
+    "album": ("{T} is {a_work_year} {genre} album by {creator}.",
               "{T} is an album by {creator}, first released in {work_year}."),
-    "film": ("{T} is a {work_year} {genre} directed by {creator}.",
+    "film": ("{T} is {a_work_year} {genre} directed by {creator}.",
              "{T} is a film directed by {creator}, released in {work_year}."),
-    "book": ("{T} is a {work_year} {genre} by {creator}.",
+    "book": ("{T} is {a_work_year} {genre} by {creator}.",
              "{T} is a book by {creator}, first published in {work_year}."),
-    "painting": (None, "{T} is a {work_year} painting by {creator}."),
-    "sculpture": (None, "{T} is a {work_year} sculpture by {creator}."),
-    "building": (None, "{T} is a {work_year} building designed by {creator}."),
+    "painting": (None, "{T} is {a_work_year} painting by {creator}."),
+    "sculpture": (None, "{T} is {a_work_year} sculpture by {creator}."),
+    "building": (None, "{T} is {a_work_year} building designed by {creator}."),
 }
 _WORK_PRODUCER = ("It was produced by {producer}.", "{producer} served as its producer.")
 _WORK_PUBLISHER = ("It was published by {publisher}.", "{publisher} brought out the first edition.")
@@ -602,7 +602,9 @@ class _Names:
         return self.fresh(min_len=5)
 
 
-def _article(word: str) -> str:
+def _article(word) -> str:
+    if isinstance(word, int):  # said aloud: "an eighteen-ninety-seven film", "a nineteen-..."
+        return ("an " if str(word).startswith(("8", "11", "18")) else "a ") + str(word)
     return ("an " if word[0].lower() in "aeiou" else "a ") + word
 
 
@@ -641,10 +643,10 @@ class _Builder:
         self.towns = []
         for i in range(max(8, self.n_people // 4)):
             country = countries[i % n_countries] if i < n_countries else rng.choice(countries)
-            founder = f"{names.fresh(2)} {names.fresh(2, min_len=5)}"
-            self.towns.append(_Town(f"town:{i}", names.fresh(rng.choice((1, 2)), _TOWN_SUFFIXES, min_len=6), country,
-                                    formal[country], rng.choice(_TOWN_KINDS), founder,
-                                    rng.randint(1050, 1790)))
+            name = names.fresh(rng.choice((1, 2)), _TOWN_SUFFIXES, min_len=6)
+            founder = f"{names.fresh(2)} {names.fresh(2, min_len=5)}"  # a historical figure, no passage
+            self.towns.append(_Town(f"town:{i}", name, country, formal[country], rng.choice(_TOWN_KINDS),
+                                    founder, rng.randint(1050, 1790)))
         self.people = self._make_people()
         categories = list(_CATEGORIES)
         weights = [_CATEGORIES[c][3] for c in categories]
@@ -675,9 +677,9 @@ class _Builder:
                         break
                     person.employer = rng.choice(self.orgs_by_kind[_CATEGORIES[person.category][1]])
         self._make_works()
-        singles = [p for p in self.people]
-        rng.shuffle(singles)
-        for a, b in zip(singles[0:len(singles) // 2:2], singles[1:len(singles) // 2:2]):
+        # Half the people are married, in random couples.
+        people = self._shuffled(self.people)[:len(self.people) // 2]
+        for a, b in zip(people[0::2], people[1::2]):
             a.spouse, b.spouse = b, a
             a.married = b.married = max(a.year, b.year) + rng.randint(20, 34)
         for person in self.people:
@@ -691,7 +693,8 @@ class _Builder:
         rng = self.rng
         occupations = _CATEGORIES[person.category][0]
         person.occupation = rng.choice(occupations)
-        person.year = rng.randint(1840, 1975)
+        # Recorded albums and films need their century: no film of 1861.
+        person.year = rng.randint({"music": 1895, "film": 1865}.get(person.category, 1840), 1975)
         person.town = rng.choice(self.towns)
         person.skill = None
         if person.category == "music":
@@ -1128,8 +1131,7 @@ class _Builder:
         if person.lookalikes:
             looks = rng.sample(person.lookalikes, min(2, len(person.lookalikes)))
             hatnote = rng.choice(_P3_HATNOTES) if len(looks) == 1 else _P3_HATNOTES[1]
-            sentences.append((self._fill(hatnote, fmt, look=_join_names([q.name for q in looks]).replace(" and ", " or ")),
-                              ()))
+            sentences.append((self._fill(hatnote, fmt, look=" or ".join(q.name for q in looks)), ()))
         self._emit(person.name, sentences, _P3_FILLERS, fmt, target=(55, 85))
 
     def _disambiguation(self, group: list[_Person]) -> None:
@@ -1143,7 +1145,8 @@ class _Builder:
     def _work_passages(self, work: _Work) -> None:
         rng = self.rng
         genre = work.genre
-        fmt = {"_self": work.creator, "T": work.title, "work_year": work.year, "creator": work.creator.name,
+        fmt = {"_self": work.creator, "T": work.title, "work_year": work.year, "a_work_year": _article(work.year),
+               "creator": work.creator.name,
                "genre": genre, "producer": work.producer.name if work.producer else "",
                "publisher": work.publisher.name if work.publisher else "",
                "bio_year": rng.randint(work.year + 5, max(work.year + 6, 2024))}
