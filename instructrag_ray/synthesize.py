@@ -23,7 +23,7 @@ import pyarrow as pa
 from . import prompts, read, write
 from .answers import has_answer
 from .batches import add_columns, ok_rows, reject, require
-from .config import SynthesizeConfig, to_dict
+from .config import SynthesizeConfig, parse_resources, to_dict
 from .generate import GenerateStage
 from .tiny_model import resolve_model
 
@@ -199,6 +199,12 @@ def plan_rows(parsed, existing: write.ExistingOutput, limit: int) -> Plan:
                 need_retrieval=need)
 
 
+def custom_resources(spec: str) -> dict:
+    """Ray remote args for a 'name:amount,...' spec: {} when empty (Ray rejects resources=None on some paths)."""
+    resources = parse_resources(spec)
+    return {"resources": resources} if resources else {}
+
+
 def init_ray(address: str = "") -> None:
     import ray
 
@@ -240,6 +246,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     if plan.need_retrieval:
         ds = ds.map_batches(
             RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
+            **custom_resources(r.resources),
             compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
             fn_constructor_kwargs={"backend": r.backend, "index_path": r.index_path, "fields": r.fields,
                                    "top_k": r.top_k})
@@ -250,6 +257,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
                                "max_new_tokens": g.max_new_tokens})
     ds = ds.map_batches(
         GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
+        **custom_resources(g.resources),
         compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
         fn_constructor_kwargs={"engine": g.engine, "model": g.model, "num_docs": cfg.prompt.num_docs,
                                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,

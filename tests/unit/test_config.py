@@ -26,6 +26,7 @@ def test_file_then_command_line(tmp_path):
     ("overwrite=maybe", "must be bool"),
     ("generation=3", "unknown config key 'generation'"),
     ("novalue", "is not key=value"),
+    ("generation.resources=gpu_worker:zero", "name:amount"),
 ])
 def test_bad_keys_and_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,3 +57,10 @@ def test_fingerprint_tracks_shaping_settings_only():
 def test_describe_lists_every_key():
     keys = [k for k, _, _ in describe(SynthesizeConfig)]
     assert "generation.model" in keys and "retrieval.index_path" in keys and len(keys) == len(set(keys))
+
+
+def test_parse_resources():
+    from instructrag_ray.config import parse_resources
+
+    assert parse_resources("") == {}
+    assert parse_resources("gpu_worker:1, disk:0.5,x") == {"gpu_worker": 1.0, "disk": 0.5, "x": 1.0}
