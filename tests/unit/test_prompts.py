@@ -136,3 +136,20 @@ def test_render_raises_when_nothing_fits():
     parts = prompts.PromptParts("a long head here", " d1", " tail")
     with pytest.raises(prompts.PromptTooLong, match="max_model_len"):
         prompts.render(WordTokenizer(), parts, max_tokens=2)
+
+
+def test_render_with_a_real_chat_template_truncates_only_documents(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    docs = [{"title": f"T{i}", "text": " ".join(f"word{i}x{j}" for j in range(60)), "score": 10.0 - i} for i in range(5)]
+    parts = prompts.synthesis_parts("Who is Ann?", ["Bob"], "popqa", prompts.order_docs(docs, 5))
+    full = prompts.render(tok, parts, 100_000)
+    assert full.truncated_tokens == 0 and full.text.startswith("<|begin_of_text|><|start_header_id|>user")
+    assert full.text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    cut = prompts.render(tok, parts, full.tokens - 150)
+    assert cut.tokens <= full.tokens - 150 and cut.truncated_tokens >= 150
+    assert "Read the following documents relevant to the given question: who is Ann?" in cut.text
+    assert parts.tail in cut.text
+    # the lowest-ranked document (rendered first) lost its words; the best one (last) is whole
+    assert "word4x0 " not in cut.text and "Document 5 (Title: T0): " + docs[0]["text"] in cut.text
