@@ -173,10 +173,10 @@ class Plan:
 
 def plan_rows(parsed, existing: write.ExistingOutput, limit: int) -> Plan:
     """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
-    table = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
     import ray
 
-    tables = [t for t in ray.get(table) if t.num_rows]
+    refs = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
+    tables = [t for t in ray.get(refs) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
     keep: set | None = set() if limit else None
     seen, duplicates = set(), {}
