@@ -26,6 +26,7 @@ import numpy as np
 from .answers import has_answer, str_em
 
 OVERALL = "overall"
+INSTRUCTRAG_PREFIX = "instructrag-"
 ACCURACY, STR_EM = "accuracy", "str_em"
 METRIC_LABELS = {ACCURACY: "accuracy", STR_EM: "STR-EM"}
 # Bootstrap draws are made in chunks of at most this many row indices (memory stays ~160 MB).
@@ -178,6 +179,9 @@ def markdown_report(metrics: dict, title: str = "Evaluation") -> str:
         cells = [_cell((metrics["scores"][m].get(d) or {}).get(metrics["headline"][d])) for d in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     paired = [p for p in metrics["paired"] if p["metric"] == metrics["headline"][p["dataset"]]]
+    # Short report: InstructRAG against everything else (metrics.json keeps every pair).
+    ours = [p for p in paired if p["a"].startswith(INSTRUCTRAG_PREFIX)]
+    paired = ours or paired
     if paired:
         lines += ["", f"Paired differences A − B on the same rows, in percentage points, with {conf}% bootstrap "
                   "intervals; (A>B / A<B) counts the rows where one method scored higher.", "",
@@ -220,6 +224,8 @@ def plot_report(metrics: dict, path, title: str = "Evaluation") -> None:
             lows.append(max(0.0, 100 * (entry["value"] - entry["ci_low"])))
             highs.append(max(0.0, 100 * (entry["ci_high"] - entry["value"])))
         ax.bar(xs, ys, width=width, label=m, yerr=[lows, highs], capsize=2)
+        for x, y, h in zip(xs, ys, highs):
+            ax.text(x, y + h + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([f"{d}\n({METRIC_LABELS[metrics['headline'][d]]})" for d in cols], fontsize=8)
     ax.set_ylabel("score (%)")

@@ -146,18 +146,20 @@ def _iter_hf(path: Path) -> Iterator[tuple[str, int, str]]:
             yield source, i, json.dumps(record, ensure_ascii=False, default=str)
 
 
-def read_raw(path: str | Path):
-    """A Ray Dataset of raw rows `{source, line, raw}` in blocks of RAW_BLOCK_ROWS.
+def read_raw(path: str | Path, block_rows: int = RAW_BLOCK_ROWS):
+    """A Ray Dataset of raw rows `{source, line, raw}` in blocks of `block_rows`.
 
     Files are read on the driver (QA inputs are small next to the work done per row; the
     passage corpus is indexed separately), then shared out as blocks for parsing on the cluster.
+    A block is the unit an actor pool receives and the unit written to Parquet, so jobs pass their
+    generation batch size: smaller blocks spread over every generation actor and land sooner.
     """
     import ray
 
     blocks, rows = [], []
     for record in iter_raw(path):
         rows.append(record)
-        if len(rows) == RAW_BLOCK_ROWS:
+        if len(rows) == block_rows:
             blocks.append(_raw_block(rows))
             rows = []
     if rows or not blocks:

@@ -25,6 +25,7 @@ from .answers import has_answer
 from .batches import add_columns, ok_rows, reject, require
 from .config import SynthesizeConfig, parse_resources, to_dict
 from .generate import GenerateStage
+from .generate_vllm import vllm_generate
 from .tiny_model import resolve_model
 
 # Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
@@ -75,14 +76,16 @@ def _cached_get(ref):
 
 
 class RetrieveStage:
-    """Stage `retrieve` (actor; the index is opened once): reads question, ctxs; fills ctxs and
-    ctxs_source='retrieved' for rows without ctxs. Rows that arrived with ctxs pass untouched; a
-    failed or empty search rejects only its row (stage retrieve)."""
+    """Stage `retrieve` (actor; the index is opened, or the Elasticsearch client made, once): reads
+    question, ctxs; fills ctxs and ctxs_source='retrieved' for rows without ctxs. Rows that arrived
+    with ctxs pass untouched; a failed or empty search rejects only its row (stage retrieve); a
+    cluster that stops answering stops the job (elastic.ClusterUnavailable) so that a rerun resumes
+    those rows instead of rejecting them."""
 
-    def __init__(self, backend: str, index_path: str, fields: str, top_k: int):
-        from .retrieve import TantivyRetriever
+    def __init__(self, backend: str, index_path: str, fields: str, top_k: int, **es_options):
+        from .retrieve import make_retriever
 
-        self.retriever = TantivyRetriever(index_path, fields=fields)
+        self.retriever = make_retriever(backend, index_path=index_path, fields=fields, **es_options)
         self.top_k = top_k
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -228,15 +231,22 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
 
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
-    parsed = read.read_raw(cfg.input).map_batches(
+    parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
         read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
 
     plan = plan_rows(parsed, existing, cfg.limit)
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
-    if plan.need_retrieval and not cfg.retrieval.index_path:
+    if plan.need_retrieval and cfg.retrieval.backend == "tantivy" and not cfg.retrieval.index_path:
         raise SystemExit(
             f"error: {plan.need_retrieval} rows have no ctxs and retrieval.index_path is not set; build an index "
             "with jobs/build_index.py and pass retrieval.index_path=DIR, or give rows pre-retrieved ctxs")
+    if plan.need_retrieval and cfg.retrieval.backend == "elasticsearch":
+        from .elastic import ClusterError, check_search_index
+
+        try:  # reachable, TLS, credentials, client/server versions, index and mapping: one line each
+            check_search_index(cfg.retrieval.es_cluster(), cfg.retrieval.es_index, cfg.retrieval.fields)
+        except ClusterError as e:
+            raise SystemExit(f"error: {e}") from None
 
     g, r = cfg.generation, cfg.retrieval
     ds = parsed.map_batches(
@@ -248,21 +258,20 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
             RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
             **custom_resources(r.resources),
             compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-            fn_constructor_kwargs={"backend": r.backend, "index_path": r.index_path, "fields": r.fields,
-                                   "top_k": r.top_k})
+            fn_constructor_kwargs={"top_k": r.top_k, **r.retriever_options()})
     ds = ds.map_batches(
         PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
         fn_constructor_kwargs={"model": g.model, "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                "max_new_tokens": g.max_new_tokens})
-    ds = ds.map_batches(
-        GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-        **custom_resources(g.resources),
-        compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
-        fn_constructor_kwargs={"engine": g.engine, "model": g.model, "num_docs": cfg.prompt.num_docs,
-                               "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                               "dtype": g.dtype, "micro_batch_size": g.micro_batch_size,
-                               "sort_by_length": g.sort_by_length, "use_gpu": g.num_gpus > 0, "seed": g.seed})
+    if g.engine == "vllm":  # ray.data.llm's processor is itself a chain of stages: it takes GenerateStage's place
+        ds = vllm_generate(ds, **g.vllm_options())
+    else:
+        ds = ds.map_batches(
+            GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus,
+            num_gpus=g.num_gpus if g.engine == "transformers" else 0, **custom_resources(g.resources),
+            compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
+            fn_constructor_kwargs={"num_docs": cfg.prompt.num_docs, **g.engine_options()})
     ds = ds.map_batches(check_batch, batch_format="pyarrow", fn_kwargs={"num_docs": cfg.prompt.num_docs},
                         num_cpus=TASK_CPUS)
     stats = ds.map_batches(write.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
