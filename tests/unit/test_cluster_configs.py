@@ -30,9 +30,10 @@ def load(name: str) -> dict:
 
 
 def pinned_ray_version() -> str:
-    found = re.findall(r'"ray\[[^\]]*\]==([0-9][0-9.]*)"', PYPROJECT)
-    assert len(found) == 1, "pyproject.toml must pin ray exactly once, as ray[...]==X.Y.Z"
-    return found[0]
+    # every ray pin (dependencies and extras such as vllm's ray[llm]) must name the same version
+    found = set(re.findall(r'"ray\[[^\]]*\]==([0-9][0-9.]*)"', PYPROJECT))
+    assert len(found) == 1, "pyproject.toml must pin ray to one version, as ray[...]==X.Y.Z"
+    return found.pop()
 
 
 def pyproject_list(name: str) -> list[str]:
