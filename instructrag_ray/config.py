@@ -7,6 +7,7 @@ is allowed. Library functions take plain arguments; only the jobs see these obje
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -31,12 +32,18 @@ def opt(default: Any, doc: str = "", *, minimum: float | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "minimum": minimum})
 
 
+def secret(doc: str = "") -> Any:
+    """A credential: a string option that `to_dict` (manifests) shows as '***' when it is set."""
+    return field(default="", metadata={"doc": doc, "minimum": None, "secret": True})
+
+
 # --- synthesis ------------------------------------------------------------------------------------
 
 
 @dataclass
 class RetrievalConfig:
-    backend: str = choice("tantivy", "tantivy", doc="tantivy: the embedded BM25 index at index_path")
+    backend: str = choice("tantivy", "tantivy", "elasticsearch",
+                          doc="tantivy: the embedded BM25 index at index_path; elasticsearch: the index es_index on the cluster at es_url")
     index_path: str = opt("", "directory of the tantivy index (jobs/build_index.py builds it); must be readable on every node")
     top_k: int = opt(5, "documents retrieved per question and stored in ctxs", minimum=1)
     fields: str = opt("title,text", "fields searched with boosts, e.g. 'title^0.5,text'; per-field BM25 scores are added")
@@ -44,6 +51,40 @@ class RetrievalConfig:
     num_cpus: float = opt(0.5, "CPUs per retrieval actor", minimum=0)
     min_actors: int = opt(1, "retrieval actor pool: minimum size", minimum=1)
     max_actors: int = opt(1, "retrieval actor pool: maximum size (the pool autoscales between the two)", minimum=1)
+    resources: str = opt("", "custom Ray resources per retrieval actor, 'name:amount,...'")
+    es_url: str = opt("http://localhost:9200", "Elasticsearch: cluster URL, https:// for TLS, several nodes comma-separated; no credentials in it")
+    es_index: str = opt("", "Elasticsearch: the index or alias to search (jobs/build_index.py backend=elasticsearch builds one)")
+    es_api_key: str = secret("Elasticsearch: API key (its base64 'encoded' form); default: the ES_API_KEY environment variable; '***' in manifests")
+    es_username: str = opt("", "Elasticsearch: basic-auth user; default: ES_USERNAME (an API key wins over basic auth)")
+    es_password: str = secret("Elasticsearch: basic-auth password; default: ES_PASSWORD; '***' in manifests")
+    es_ca_certs: str = opt("", "Elasticsearch: CA certificate (PEM) that signed the cluster's TLS certificate; default: the system's CAs")
+    es_verify_certs: bool = opt(True, "Elasticsearch: verify the cluster's TLS certificate (turn off only for a throwaway test cluster)")
+    es_request_timeout_s: float = opt(30.0, "Elasticsearch: seconds before one request (a batch's msearch) times out", minimum=0.1)
+    es_max_retries: int = opt(5, "Elasticsearch: retries after a connection error, a timeout, 429 or 502/503/504; then the job stops (a rerun resumes)", minimum=0)
+    es_retry_backoff_s: float = opt(1.0, "Elasticsearch: wait before the first retry; it doubles each retry (with jitter), up to 30 s", minimum=0)
+    es_max_concurrent_searches: int = opt(8, "Elasticsearch: searches of one msearch that the cluster runs at once (per retrieval actor)", minimum=1)
+    es_search_type: str = choice(
+        "query_then_fetch", "query_then_fetch", "dfs_query_then_fetch",
+        doc="Elasticsearch: query_then_fetch scores with each shard's term statistics (fine for large, evenly filled shards); dfs_query_then_fetch first gathers global statistics (exact BM25 across shards, one more round trip)")
+
+    def es_cluster(self):
+        """The Elasticsearch connection settings (credentials from here, else the environment).
+        Raises elastic.ClusterError naming the key to fix."""
+        from .elastic import cluster
+
+        return cluster(self.es_url, api_key=self.es_api_key, username=self.es_username, password=self.es_password,
+                       ca_certs=self.es_ca_certs, verify_certs=self.es_verify_certs,
+                       request_timeout_s=self.es_request_timeout_s, max_retries=self.es_max_retries,
+                       retry_backoff_s=self.es_retry_backoff_s, keys="retrieval.es_")
+
+    def retriever_options(self) -> dict:
+        """Keyword arguments of retrieve.make_retriever for the chosen backend (plain values)."""
+        options = {"backend": self.backend, "index_path": self.index_path, "fields": self.fields}
+        if self.backend == "elasticsearch":
+            options.update(es_cluster=self.es_cluster(), es_index=self.es_index,
+                           es_max_concurrent_searches=self.es_max_concurrent_searches,
+                           es_search_type=self.es_search_type)
+        return options
 
 
 @dataclass
@@ -56,8 +97,9 @@ class PromptConfig:
 @dataclass
 class GenerationConfig:
     engine: str = choice(
-        "transformers", "transformers", "template-baseline",
-        doc="transformers: a causal LM on GPU or CPU; template-baseline: the paper's template-rationale ablation baseline (no model)",
+        "transformers", "transformers", "template-baseline", "vllm", "openai",
+        doc="transformers: a causal LM on GPU or CPU; template-baseline: the paper's template-rationale ablation baseline (no model); "
+            "vllm: vLLM through ray.data.llm on GPUs (pip install 'instructrag-ray[vllm]'); openai: an OpenAI-compatible server at base_url",
     )
     model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny local model")
     max_new_tokens: int = opt(512, "most tokens generated per rationale", minimum=1)
@@ -72,7 +114,70 @@ class GenerationConfig:
     num_cpus: float = opt(1.0, "CPUs per generation actor", minimum=0)
     min_actors: int = opt(1, "generation actor pool: minimum size", minimum=1)
     max_actors: int = opt(1, "generation actor pool: maximum size", minimum=1)
+    resources: str = opt("", "custom Ray resources per generation actor, 'name:amount,...' (e.g. 'gpu_worker:1' to pin actors to a node type)")
     seed: int = opt(0, "sampling seed (only used when temperature > 0)")
+    # engine=openai: any OpenAI-compatible server, sent our rendered prompt on /v1/completions
+    base_url: str = opt("", "openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, `transformers serve`, a hosted API); requests go to <base_url>/completions")
+    served_model: str = opt("", "openai: the model name sent in requests; empty = generation.model (for 'tiny', its local path). generation.model must still load locally: its tokenizer renders the prompt")
+    api_key_env: str = opt("OPENAI_API_KEY", "openai: name of the environment variable that holds the API key (the key itself never enters the config, manifest, Parquet or logs); unset = no Authorization header")
+    max_requests_per_s: float = opt(0.0, "openai: cap on requests per second for the whole job, split evenly over max_actors generation actors (retries count); 0 = no cap", minimum=0)
+    request_timeout_s: float = opt(120.0, "openai: seconds one request may take before it is retried (then rejected with reason timeout)", minimum=0.001)
+    max_retries: int = opt(4, "openai: retries of a request that got 429, 408, 5xx, a timeout or no connection, with exponential backoff (a Retry-After header wins)", minimum=0)
+    retry_backoff_s: float = opt(1.0, "openai: wait before the first retry; doubles on each retry (at most 60 s)", minimum=0)
+    concurrency: int = opt(8, "openai: requests in flight per generation actor", minimum=1)
+    max_consecutive_failures: int = opt(16, "openai: stop the job (keeping every row written, so a rerun continues) after this many requests in a row failed even after retries: an outage, not bad rows; 0 = never stop", minimum=0)
+    send_stop_token_ids: bool = opt(False, "openai: also send the model's end-of-turn ids as `stop_token_ids` (a vLLM/SGLang extension; servers that reject unknown fields, such as `transformers serve` and OpenAI's API, need false). Either way the server stops at the model's own end-of-turn token")
+    # engine=vllm: ray.data.llm's vLLM processor (engine replicas as an autoscaling actor pool of min_actors..max_actors)
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per engine replica that split each layer (tensor parallel)", minimum=1)
+    pipeline_parallel_size: int = opt(1, "vllm: GPUs per engine replica that split the layers (pipeline parallel); a replica takes tensor x pipeline GPUs", minimum=1)
+    gpu_memory_utilization: float = opt(0.9, "vllm: share of each GPU's memory the engine may take (weights + KV cache)", minimum=0.01)
+    max_num_seqs: int = opt(0, "vllm: most sequences a replica decodes at once; 0 = vLLM's default for the GPU", minimum=0)
+
+    def validate(self) -> None:
+        """Engine-specific checks (the job configs' validate() calls this)."""
+        if self.engine == "openai" and not self.base_url:
+            raise ConfigError("generation.engine=openai needs generation.base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.engine == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"config key 'generation.base_url' is {self.base_url!r}; it must start with http:// or https://")
+        if self.engine == "vllm" and self.num_gpus:
+            raise ConfigError("generation.num_gpus applies to the transformers engine; a vllm replica takes "
+                              "tensor_parallel_size x pipeline_parallel_size GPUs")
+        if self.top_p <= 0 or self.top_p > 1:
+            raise ConfigError(f"config key 'generation.top_p' is {self.top_p!r}; it must be in (0, 1]")
+        if self.gpu_memory_utilization > 1:
+            raise ConfigError(f"config key 'generation.gpu_memory_utilization' is {self.gpu_memory_utilization!r}; it must be <= 1")
+
+    def engine_options(self, model: str | None = None) -> dict:
+        """Keyword arguments of generate.GenerateStage / make_engine (plus num_docs) for the chosen engine.
+        For openai the API key is read here, on the driver, from the variable api_key_env names and passed
+        as a Secret (it never shows in a repr); an actor whose own environment has it uses that."""
+        options = {"engine": self.engine, "model": model or self.model, "max_new_tokens": self.max_new_tokens,
+                   "temperature": self.temperature, "top_p": self.top_p, "dtype": self.dtype,
+                   "micro_batch_size": self.micro_batch_size, "sort_by_length": self.sort_by_length,
+                   "use_gpu": self.num_gpus > 0, "seed": self.seed}
+        if self.engine == "openai":
+            from .generate import read_api_key
+
+            options["openai"] = {
+                "base_url": self.base_url, "served_model": self.served_model,
+                "api_key": read_api_key(self.api_key_env), "api_key_env": self.api_key_env,
+                # the cap is for the whole job: each of the (at most) max_actors actors takes an equal share
+                "max_requests_per_s": self.max_requests_per_s / self.max_actors,
+                "request_timeout_s": self.request_timeout_s, "max_retries": self.max_retries,
+                "retry_backoff_s": self.retry_backoff_s, "concurrency": self.concurrency,
+                "max_consecutive_failures": self.max_consecutive_failures,
+                "send_stop_token_ids": self.send_stop_token_ids,
+            }
+        return options
+
+    def vllm_options(self, model: str | None = None) -> dict:
+        """Keyword arguments of generate_vllm.vllm_generate."""
+        return {"model": model or self.model, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "seed": self.seed, "max_model_len": self.max_model_len, "dtype": self.dtype,
+                "batch_size": self.batch_size, "min_actors": self.min_actors, "max_actors": self.max_actors,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "max_num_seqs": self.max_num_seqs}
 
 
 @dataclass
@@ -97,6 +202,8 @@ class SynthesizeConfig:
             raise ConfigError("generation.max_actors must be >= generation.min_actors")
         if self.retrieval.max_actors < self.retrieval.min_actors:
             raise ConfigError("retrieval.max_actors must be >= retrieval.min_actors")
+        parse_resources(self.generation.resources, "generation.resources")
+        parse_resources(self.retrieval.resources, "retrieval.resources")
         if self.prompt.num_docs > self.retrieval.top_k:
             raise ConfigError(
                 f"prompt.num_docs ({self.prompt.num_docs}) is larger than retrieval.top_k ({self.retrieval.top_k}); "
@@ -113,6 +220,10 @@ class SynthesizeConfig:
                 "engine": g.engine, "model": g.model, "max_new_tokens": g.max_new_tokens,
                 "max_model_len": g.max_model_len, "temperature": g.temperature, "top_p": g.top_p,
                 "seed": g.seed if g.temperature > 0 else None,
+                # Added only for openai, so the fingerprints of existing outputs of other engines stay the same.
+                # The API key is never part of it; retries, rates and timeouts do not shape a rationale.
+                **({"base_url": g.base_url, "served_model": g.served_model or g.model,
+                    "send_stop_token_ids": g.send_stop_token_ids} if g.engine == "openai" else {}),
             },
             "dataset": self.dataset,
         }
@@ -125,16 +236,59 @@ class SynthesizeConfig:
 @dataclass
 class BuildIndexConfig:
     corpus: str = opt("", "passages: .jsonl/.parquet with id, title, text; DPR psgs_w100.tsv; FlashRAG {id, contents}; or a directory")
-    backend: str = choice("tantivy", "tantivy", doc="tantivy: an embedded index directory at `index`")
+    backend: str = choice("tantivy", "tantivy", "elasticsearch",
+                          doc="tantivy: an embedded index directory at `index`; elasticsearch: the index es_index on the cluster at es_url, loaded by a Ray Data job with parallel bulk writers")
     index: str = opt("", "tantivy: the index directory to create")
-    overwrite: bool = opt(False, "replace an existing index")
+    output: str = opt("", "the build report: rejected/ (passages not indexed: JSON lines with id, code, reason) and manifest.json; default: <index>.build beside a tantivy index; required for elasticsearch")
+    overwrite: bool = opt(False, "replace an existing index (elasticsearch without it: a rerun loads into the existing index, each passage overwriting its own id)")
     heap_mb: int = opt(256, "tantivy writer memory in MB", minimum=16)
+    ray_address: str = opt("", "elasticsearch: Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
+    progress_interval_s: float = opt(10.0, "elasticsearch: seconds between progress lines", minimum=0)
+    es_url: str = opt("http://localhost:9200", "Elasticsearch: cluster URL, https:// for TLS, several nodes comma-separated; no credentials in it")
+    es_index: str = opt("", "Elasticsearch: the index to create or load (a concrete name, not an alias)")
+    es_api_key: str = secret("Elasticsearch: API key (its base64 'encoded' form); default: the ES_API_KEY environment variable; '***' in manifests")
+    es_username: str = opt("", "Elasticsearch: basic-auth user; default: ES_USERNAME (an API key wins over basic auth)")
+    es_password: str = secret("Elasticsearch: basic-auth password; default: ES_PASSWORD; '***' in manifests")
+    es_ca_certs: str = opt("", "Elasticsearch: CA certificate (PEM) that signed the cluster's TLS certificate; default: the system's CAs")
+    es_verify_certs: bool = opt(True, "Elasticsearch: verify the cluster's TLS certificate (turn off only for a throwaway test cluster)")
+    es_request_timeout_s: float = opt(60.0, "Elasticsearch: seconds before one request (a bulk request) times out", minimum=0.1)
+    es_max_retries: int = opt(5, "Elasticsearch: retries after a connection error, a timeout, 429 or 502/503/504; then the load stops (a rerun resumes)", minimum=0)
+    es_retry_backoff_s: float = opt(1.0, "Elasticsearch: wait before the first retry; it doubles each retry (with jitter), up to 30 s", minimum=0)
+    es_shards: int = opt(1, "Elasticsearch: primary shards of a new index (one shard keeps BM25 statistics global)", minimum=1)
+    es_replicas: int = opt(1, "Elasticsearch: replicas after the load (the load itself runs with none)", minimum=0)
+    es_refresh_interval: str = opt("1s", "Elasticsearch: refresh interval after the load (the load itself runs with refresh off)")
+    es_analyzer: str = opt("tantivy", "Elasticsearch: analyzer of title and text: 'tantivy' (the embedded index's analysis, so both backends rank alike) or a built-in Elasticsearch analyzer such as 'standard' or 'english' (searched with match queries)")
+    es_bm25_k1: float = opt(1.2, "Elasticsearch: BM25 k1 (1.2 is tantivy's; another value ranks differently from the embedded index)", minimum=0)
+    es_bm25_b: float = opt(0.75, "Elasticsearch: BM25 b, between 0 and 1 (0.75 is tantivy's)", minimum=0)
+    es_bulk_docs: int = opt(1000, "Elasticsearch: most documents per bulk request", minimum=1)
+    es_bulk_mb: float = opt(5.0, "Elasticsearch: most megabytes per bulk request (a larger single passage goes alone)", minimum=0.001)
+    es_writers: int = opt(2, "Elasticsearch: parallel bulk writers (Ray actors, one client each)", minimum=1)
+    es_writer_cpus: float = opt(0.5, "Elasticsearch: CPUs per bulk writer", minimum=0)
+    es_block_mb: float = opt(8.0, "Elasticsearch: megabytes of passages the reader hands to one writer at a time (smaller blocks spread a small corpus over more writers)", minimum=0.001)
 
     def validate(self) -> None:
         if not self.corpus:
             raise ConfigError("corpus is required: pass --corpus PATH")
-        if not self.index:
-            raise ConfigError("index is required: pass --index DIR")
+        if self.backend == "tantivy" and not self.index:
+            raise ConfigError("index is required for backend=tantivy: pass --index DIR")
+        if self.backend == "elasticsearch":
+            if not self.es_index:
+                raise ConfigError("es_index is required for backend=elasticsearch: pass es_index=NAME")
+            if not self.output:
+                raise ConfigError("output is required for backend=elasticsearch: pass --output DIR (the build report: "
+                                  "rejected/ and manifest.json)")
+            if self.es_bm25_b > 1:
+                raise ConfigError(f"config key 'es_bm25_b' is {self.es_bm25_b}; it must be between 0 and 1")
+
+    def es_cluster(self):
+        """The Elasticsearch connection settings (credentials from here, else the environment).
+        Raises elastic.ClusterError naming the key to fix."""
+        from .elastic import cluster
+
+        return cluster(self.es_url, api_key=self.es_api_key, username=self.es_username, password=self.es_password,
+                       ca_certs=self.es_ca_certs, verify_certs=self.es_verify_certs,
+                       request_timeout_s=self.es_request_timeout_s, max_retries=self.es_max_retries,
+                       retry_backoff_s=self.es_retry_backoff_s, keys="es_")
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -199,11 +353,13 @@ class EvaluateConfig:
         if any(m in ICL_METHODS for m in methods) and not self.demos.path:
             raise ConfigError("methods includes instructrag-icl or icl-qa but demos.path is empty; pass demos.path= a "
                               "synthesis output directory (its rationales/) or a demos JSON file")
-        if self.generation.engine != "transformers":
-            raise ConfigError(f"config key 'generation.engine' is {self.generation.engine!r}; evaluation allows only "
-                              "transformers (the template baseline reads the gold answers)")
+        if self.generation.engine == "template-baseline":
+            raise ConfigError("config key 'generation.engine' is 'template-baseline'; evaluation needs a model "
+                              "(transformers, vllm or openai): the template baseline reads the gold answers")
         if not 0 < self.metrics.confidence < 1:
             raise ConfigError(f"config key 'metrics.confidence' is {self.metrics.confidence!r}; it must be between 0 and 1")
+        parse_resources(self.generation.resources, "generation.resources")
+        parse_resources(self.retrieval.resources, "retrieval.resources")
         if self.generation.max_actors < self.generation.min_actors:
             raise ConfigError("generation.max_actors must be >= generation.min_actors")
         if self.retrieval.max_actors < self.retrieval.min_actors:
@@ -215,7 +371,125 @@ class EvaluateConfig:
             )
 
 
+# --- fine-tuning (InstructRAG-FT) --------------------------------------------------------------------
+
+
+@dataclass
+class TrainDataConfig:
+    consistent_only: bool = opt(True, "train only on rows whose rationale contains a gold answer (column consistent); false: every row")
+    num_docs: int = opt(0, "K: documents in the FT prompt; 0 = the K the rationales were written with (prompt.num_docs in the synthesis manifest.json), else 5 (paper: 5; 10 for 2WikiMultiHopQA)", minimum=0)
+    max_length: int = opt(4096, "most tokens per example (prompt + rationale + end-of-turn); documents are cut from the left to fit, the rationale is kept whole (paper: 4096)", minimum=8)
+    limit: int = opt(0, "use at most the first N rationale rows (0 = all)", minimum=0)
+    packing: bool = opt(False, "pack each micro-batch's examples into rows of up to max_length tokens (position ids restart per example, attention stays within an example): same loss, less padding")
+    shuffle_buffer: int = opt(10000, "rows in each worker's shuffle buffer, seeded by (seed, epoch) so a resume sees the same order; 0 = input order", minimum=0)
+    num_cpus: float = opt(0.5, "CPUs per example-building actor (tokenizer)", minimum=0)
+    max_actors: int = opt(1, "example-building actor pool: maximum size", minimum=1)
+
+
+@dataclass
+class TrainOptimConfig:
+    learning_rate: float = opt(2.5e-5, "peak learning rate (paper: 2.5e-5)", minimum=0)
+    warmup_ratio: float = opt(0.03, "share of the steps with a linear warm-up before the cosine decay to 0 (paper: 0.03)", minimum=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (paper: 0)", minimum=0)
+    epochs: int = opt(2, "passes over the examples (paper: 2)", minimum=1)
+    global_batch_size: int = opt(128, "examples per optimizer step over all workers (paper: 128) = micro_batch_size x gradient accumulation x scaling.num_workers", minimum=1)
+    micro_batch_size: int = opt(4, "examples per forward/backward pass on one worker", minimum=1)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)", minimum=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", minimum=0)
+    adam_beta2: float = opt(0.999, "AdamW beta2", minimum=0)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", minimum=0)
+
+
+@dataclass
+class TrainDeepSpeedConfig:
+    zero_stage: int = opt(3, "DeepSpeed ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ weights; the paper's FSDP full sharding)", minimum=1)
+    precision: str = choice("auto", "auto", "bf16", "fp32", doc="auto: bf16 on GPU (the paper), fp32 on CPU")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, more compute)")
+
+
+@dataclass
+class TrainScalingConfig:
+    num_workers: int = opt(2, "Ray Train workers (one process each; one GPU each with use_gpu)", minimum=1)
+    use_gpu: bool = opt(False, "train on GPUs (NCCL, bf16); false: CPU workers over gloo, fp32")
+    cpus_per_worker: float = opt(1.0, "CPUs per worker", minimum=0)
+    resources: str = opt("", "custom Ray resources per worker, 'name:amount,...' (e.g. 'gpu_worker:1' to pin workers to a node type)")
+
+
+@dataclass
+class TrainConfig:
+    input: str = opt("", "rationales: a jobs/synthesize.py output directory (its rationales/), a directory of rationale Parquet files, or one file")
+    output: str = opt("", "output directory: checkpoints/, model/, metrics.jsonl, rejected/, manifest.json; must be on storage every worker sees")
+    model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny local model")
+    seed: int = opt(0, "seed of the model's random state and of the data shuffle")
+    max_steps: int = opt(0, "stop after this optimizer step (0 = the whole schedule); the schedule still spans every epoch, so a rerun without it continues", minimum=0)
+    log_every: int = opt(1, "optimizer steps between metric lines (console and metrics.jsonl)", minimum=1)
+    checkpoint_every: int = opt(50, "optimizer steps between checkpoints (0 = only at the end); a checkpoint is always written at the end", minimum=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the oldest are deleted)", minimum=1)
+    max_failures: int = opt(2, "times Ray Train restarts a failed worker group from the latest checkpoint", minimum=0)
+    attn_implementation: str = opt("", "transformers attention kernel: '' = the model's default (sdpa); flash_attention_2 on GPU makes packed batches varlen")
+    export_check: bool = opt(True, "reload the exported model on rank 0 and compare its logits with the trained engine's on a probe (one more copy of the model in memory); the difference goes to the manifest")
+    overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
+    ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
+    deepspeed: TrainDeepSpeedConfig = field(default_factory=TrainDeepSpeedConfig)
+    scaling: TrainScalingConfig = field(default_factory=TrainScalingConfig)
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input is required: pass --input PATH (a jobs/synthesize.py output directory)")
+        if not self.output:
+            raise ConfigError("output is required: pass --output DIR")
+        if self.deepspeed.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"config key 'deepspeed.zero_stage' is {self.deepspeed.zero_stage}; allowed: 1, 2, 3")
+        o, s = self.optim, self.scaling
+        per_step = o.micro_batch_size * s.num_workers
+        if o.global_batch_size % per_step:
+            raise ConfigError(
+                f"optim.global_batch_size ({o.global_batch_size}) must be a multiple of optim.micro_batch_size x "
+                f"scaling.num_workers ({o.micro_batch_size} x {s.num_workers} = {per_step})")
+        if self.deepspeed.precision == "bf16" and not s.use_gpu:
+            raise ConfigError("deepspeed.precision=bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
+        if o.warmup_ratio >= 1:
+            raise ConfigError(f"config key 'optim.warmup_ratio' is {o.warmup_ratio}; it must be below 1")
+        parse_resources(s.resources, "scaling.resources")
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that shapes the trained model or the data order; a resume must match it.
+
+        Left out: max_steps (a stop, not a schedule), logging and checkpoint cadence, packing (a layout
+        with the same loss), worker CPUs, kernels and memory savers.
+        """
+        d, o = self.data, self.optim
+        shaping = {
+            "input": str(Path(self.input).resolve()), "model": self.model, "seed": self.seed,
+            "data": {"consistent_only": d.consistent_only, "num_docs": d.num_docs, "max_length": d.max_length,
+                     "limit": d.limit, "shuffle_buffer": d.shuffle_buffer},
+            "optim": dataclasses.asdict(o),
+            "zero_stage": self.deepspeed.zero_stage,
+            "precision": self.deepspeed.precision if self.deepspeed.precision != "auto" else (
+                "bf16" if self.scaling.use_gpu else "fp32"),
+            "num_workers": self.scaling.num_workers,
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --- loading -----------------------------------------------------------------------------------
+
+
+def parse_resources(spec: str, key: str = "resources") -> dict[str, float]:
+    """'gpu_worker:1,fast_disk:0.5' -> {'gpu_worker': 1.0, 'fast_disk': 0.5} (Ray custom resources)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, amount = part.partition(":")
+        try:
+            value = float(amount) if sep else 1.0
+        except ValueError:
+            value = -1.0
+        if not name.strip() or value <= 0:
+            raise ConfigError(f"config key '{key}' has a bad entry {part!r}; write 'name:amount,...' with amount > 0")
+        out[name.strip()] = value
+    return out
 
 
 def load_config(cls: type, config_file: str | None = None, overrides: list[str] | None = None):
@@ -328,7 +602,17 @@ def _check_values(cfg: Any, prefix: str) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain values (for manifests); a set `secret(...)` field reads '***'."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif f.metadata.get("secret") and value:
+            out[f.name] = "***"
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def describe(cls: type) -> list[tuple[str, Any, str]]:
@@ -360,7 +644,7 @@ def markdown_reference(cls: type) -> str:
 
 # Every job's config, in README order (the README's reference tables are generated from these).
 JOB_CONFIGS = {"jobs/synthesize.py": SynthesizeConfig, "jobs/build_index.py": BuildIndexConfig,
-               "jobs/evaluate.py": EvaluateConfig}
+               "jobs/evaluate.py": EvaluateConfig, "jobs/train.py": TrainConfig}
 
 if __name__ == "__main__":
     for job, job_cls in JOB_CONFIGS.items():

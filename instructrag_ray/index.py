@@ -1,33 +1,250 @@
-"""Index building: a passage corpus into the retrieval backend (`jobs/build_index.py`)."""
+"""Index building: a passage corpus into the retrieval backend (`jobs/build_index.py`).
+
+    tantivy        read_corpus -> checked_passages -> build_tantivy_index       (one process)
+    elasticsearch  read (one Ray task: read_corpus -> checked_passages, in blocks)
+                   -> bulk (elastic.BulkWriter actors: es_writers of them, one client each)
+                   -> the driver sums the counts, writes the rejects, checks the count
+
+Both backends write the same report to `output`: rejected/part-*.jsonl (one JSON object per passage
+that was not indexed: id, code, reason; codes `invalid_passage`, `duplicate_id`,
+`elasticsearch:<error type>`) and manifest.json (counts, timings, the config with secrets masked),
+written last.
+
+Elasticsearch loads are idempotent: every passage is indexed under its passage id, so a rerun (after
+a failure, or with a changed corpus) overwrites documents and never duplicates them. The corpus is
+read by one task so that "the first passage with an id is kept" means the same as for tantivy; the
+writers run in parallel.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+
+import pyarrow as pa
 
 from .config import BuildIndexConfig, to_dict
 
+REJECTED, MANIFEST = "rejected", "manifest.json"
+READ_CPUS = 0.25  # the reader is one light task; the writers hold the CPUs
+READ_ROWS = 2000  # passages per table the reader yields (Ray re-blocks them by es_block_mb)
+PASSAGE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()),
+                            ("code", pa.string()), ("reason", pa.string())])
+
+
+def log(message: str) -> None:
+    print(f"[build_index] {message}", flush=True)
+
 
 def build_index(cfg: BuildIndexConfig) -> dict:
-    """Build the embedded tantivy index; write rejected passages and a manifest beside it."""
-    from .retrieve import build_tantivy_index, read_corpus
+    """Build the configured index and its report; returns the manifest (also <output>/manifest.json)."""
+    if cfg.backend == "elasticsearch":
+        return build_elasticsearch(cfg)
+    return build_tantivy(cfg)
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def start_report(output: Path) -> None:
+    """A report describes one run: clear the rejects and manifest of an earlier one."""
+    shutil.rmtree(output / REJECTED, ignore_errors=True)
+    (output / MANIFEST).unlink(missing_ok=True)
+    (output / REJECTED).mkdir(parents=True, exist_ok=True)
+
+
+def write_rejected(rows: list[dict], output: Path, part: int) -> None:
+    """rejected/part-NNNNN.jsonl: {"id", "code", "reason"} per line (temporary name, then a rename)."""
+    if not rows:
+        return
+    path = output / REJECTED / f"part-{part:05d}.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({"id": row["id"], "code": row["code"], "reason": row["reason"]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_manifest(output: Path, manifest: dict) -> None:
+    tmp = output / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, output / MANIFEST)
+
+
+def _timing(manifest: dict, started: float) -> dict:
+    wall = time.time() - started
+    manifest["wall_time_s"] = round(wall, 2)
+    manifest["docs_per_s"] = round(manifest["indexed"] / wall, 1) if wall else None
+    return manifest
+
+
+# --- tantivy ----------------------------------------------------------------------------------------
+
+
+def build_tantivy(cfg: BuildIndexConfig) -> dict:
+    """The embedded index at cfg.index, in one process."""
+    from .retrieve import DUPLICATE_ID, build_tantivy_index, read_corpus
 
     started = time.time()
     index = Path(cfg.index)
-    print(f"[build_index] indexing {cfg.corpus} into {index} (tantivy BM25)", flush=True)
+    output = Path(cfg.output or f"{index}.build")
+    log(f"indexing {cfg.corpus} into {index} (tantivy BM25)")
     stats = build_tantivy_index(read_corpus(cfg.corpus), index, heap_mb=cfg.heap_mb, overwrite=cfg.overwrite)
-    wall = time.time() - started
-    rejected_path = index.parent / f"{index.name}.rejected.jsonl"
-    with open(rejected_path, "w") as fh:
-        for row in stats["rejected"]:
-            fh.write(json.dumps(row) + "\n")
-    manifest = {
-        "job": "build_index", "backend": cfg.backend, "config": to_dict(cfg),
-        "indexed": stats["indexed"], "rejected": len(stats["rejected"]),
-        "wall_time_s": round(wall, 2), "docs_per_s": round(stats["indexed"] / wall, 1) if wall else None,
-    }
-    (index.parent / f"{index.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"[build_index] indexed {stats['indexed']} passages, rejected {len(stats['rejected'])} "
-          f"({rejected_path}) in {wall:.1f}s", flush=True)
+    start_report(output)
+    rejected = [{"id": r["id"], "reason": r["reason"],
+                 "code": "duplicate_id" if r["reason"].endswith(DUPLICATE_ID) else "invalid_passage"}
+                for r in stats["rejected"]]
+    write_rejected(rejected, output, 0)
+    manifest = _timing({
+        "job": "build_index", "backend": "tantivy", "config": to_dict(cfg), "index": str(index),
+        "input": stats["indexed"] + len(rejected), "indexed": stats["indexed"], "rejected": len(rejected),
+        "reject_codes": dict(sorted(Counter(r["code"] for r in rejected).items())),
+        "outputs": {"rejected": str(output / REJECTED), "manifest": str(output / MANIFEST)},
+    }, started)
+    write_manifest(output, manifest)
+    log(f"indexed {stats['indexed']} passages, rejected {len(rejected)} ({output / REJECTED}) in "
+        f"{manifest['wall_time_s']}s; manifest {output / MANIFEST}")
     return manifest
+
+
+# --- elasticsearch ----------------------------------------------------------------------------------
+
+
+def read_passages(batch: pa.Table, rows_per_table: int = READ_ROWS) -> Iterator[pa.Table]:
+    """Stage `read` (one task, a generator): reads corpus (a path per row); yields tables of passages
+    with id, title, text, and code and reason (null for a passage to index; set for one that cannot
+    be, as `retrieve.checked_passages` decides, so duplicate ids keep their first passage)."""
+    from .batches import require
+    from .retrieve import checked_passages, read_corpus
+
+    require(batch, "read", "corpus")
+    for path in batch.column("corpus").to_pylist():
+        rows: list[dict] = []
+        for p in checked_passages(read_corpus(path)):
+            if "_reject" in p:
+                rows.append({"id": p["id"], "title": None, "text": None, "code": p["_code"], "reason": p["_reject"]})
+            else:
+                rows.append({**p, "code": None, "reason": None})
+            if len(rows) >= rows_per_table:
+                yield pa.Table.from_pylist(rows, schema=PASSAGE_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=PASSAGE_SCHEMA)
+
+
+def _init_ray(address: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
+    """Load the corpus into cfg.es_index with parallel bulk writers (a Ray Data job).
+
+    Before any Ray work: the corpus opens, the cluster answers (TLS, credentials, versions) and the
+    index is created, replaced (overwrite) or reused. During the load the index has no replicas and
+    no refresh; after it, they are restored and the count is checked. Raises elastic.ClusterError
+    (one line) when the cluster cannot be used or the count check fails.
+    """
+    import ray
+
+    from . import elastic
+    from .retrieve import read_corpus
+
+    started = time.time()
+    corpus = Path(cfg.corpus).resolve()
+    output = Path(cfg.output)
+    next(iter(read_corpus(corpus)), None)  # a missing file or a wrong layout fails here, not in a task
+    cl = cfg.es_cluster()
+    client, info = elastic.connect(cl)
+    definition = elastic.index_definition(cfg.es_analyzer, cfg.es_shards, cfg.es_bm25_k1, cfg.es_bm25_b)
+    state = elastic.prepare_index(client, cl, cfg.es_index, definition, cfg.overwrite)
+    version = (info.get("version") or {}).get("number", "?")
+    log(f"{state} index {cfg.es_index} at {cl.url} (Elasticsearch {version}); loading {corpus} with "
+        f"{cfg.es_writers} bulk writers")
+    start_report(output)
+    _init_ray(cfg.ray_address)
+    context = ray.data.DataContext.get_current()
+    block_size = context.target_max_block_size
+    # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.
+    context.target_max_block_size = max(1, int(cfg.es_block_mb * 2**20))
+    load_started = time.time()
+    try:
+        ds = ray.data.from_items([{"corpus": str(corpus)}]).map_batches(
+            read_passages, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+        ds = ds.map_batches(
+            elastic.BulkWriter, batch_size=None, batch_format="pyarrow", num_cpus=cfg.es_writer_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.es_writers),
+            fn_constructor_kwargs={"cluster": cl, "index": cfg.es_index, "max_docs": cfg.es_bulk_docs,
+                                   "max_bytes": max(1, int(cfg.es_bulk_mb * 1_000_000))})
+        run = _follow(ds, output, cfg.progress_interval_s, load_started)
+    except Exception as e:
+        message = elastic.cluster_error_in(e)
+        if message is None:
+            raise
+        raise elastic.ClusterError(message) from None
+    finally:
+        context.target_max_block_size = block_size
+    load_s = time.time() - load_started
+    check = elastic.finish_index(client, cl, cfg.es_index, expected=run["indexed"], replicas=cfg.es_replicas,
+                                 refresh_interval=cfg.es_refresh_interval)
+    client.close()
+    accounted = run["input"] == run["indexed"] + run["rejected"]
+    manifest = _timing({
+        "job": "build_index", "backend": "elasticsearch", "config": to_dict(cfg),
+        "elasticsearch": {"url": cl.url, "index": cfg.es_index, "server_version": version, "index_was": state,
+                          "client_version": elastic._client_version(), "auth": cl.auth},
+        "input": run["input"], "indexed": run["indexed"], "rejected": run["rejected"],
+        "reject_codes": dict(sorted(run["codes"].items())),
+        "count_check": {**check, "input_minus_rejected": run["input"] - run["rejected"],
+                        "ok": check["ok"] and accounted},
+        "bulk": {"requests": run["requests"], "retried_requests": run["retries"], "bytes": run["bytes"],
+                 "writers": cfg.es_writers, "max_docs": cfg.es_bulk_docs, "max_mb": cfg.es_bulk_mb},
+        "outputs": {"rejected": str(output / REJECTED), "manifest": str(output / MANIFEST)},
+    }, started)
+    manifest["load_time_s"] = round(load_s, 2)  # the Ray Data load alone (the job also starts Ray, checks, counts)
+    manifest["docs_per_s"] = round(run["indexed"] / load_s, 1) if load_s else None
+    write_manifest(output, manifest)
+    log(f"read {run['input']} passages: indexed {run['indexed']}, rejected {run['rejected']} "
+        f"({output / REJECTED}) in {manifest['load_time_s']}s ({manifest['docs_per_s']} docs/s)")
+    log(f"count check: {cfg.es_index} holds {check['count']} documents; input - rejected = "
+        f"{run['input'] - run['rejected']}: {'ok' if manifest['count_check']['ok'] else 'MISMATCH'}")
+    log(f"manifest {output / MANIFEST}")
+    if not accounted:
+        raise elastic.ClusterError(f"count check failed: {run['input']} passages read, {run['indexed']} indexed and "
+                                   f"{run['rejected']} rejected do not add up; rerun the build")
+    if not check["ok"]:
+        raise elastic.ClusterError(
+            f"count check failed: index {cfg.es_index} holds {check['count']} documents but this run indexed "
+            f"{run['indexed']} ({run['input']} read - {run['rejected']} rejected); documents of another corpus are "
+            "still there: rerun with overwrite=true to rebuild the index from scratch")
+    return manifest
+
+
+def _follow(ds, output: Path, interval: float, started: float) -> dict:
+    """Drive the load: sum the writers' rows, write their rejects, print progress every `interval` s."""
+    run = {"input": 0, "indexed": 0, "rejected": 0, "requests": 0, "retries": 0, "bytes": 0, "codes": Counter()}
+    last, part = time.time(), 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            rejected = json.loads(row["rejected"])
+            write_rejected(rejected, output, part)
+            part += 1
+            run["input"] += row["received"]
+            run["indexed"] += row["indexed"]
+            run["rejected"] += len(rejected)
+            run["codes"].update(r["code"] for r in rejected)
+            for key in ("requests", "retries", "bytes"):
+                run[key] += row[key]
+        now = time.time()
+        if now - last >= interval:
+            last = now
+            log(f"{run['indexed']} passages indexed, {run['rejected']} rejected, "
+                f"{run['indexed'] / (now - started):.0f} docs/s")
+    return run

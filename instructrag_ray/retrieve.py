@@ -1,10 +1,11 @@
 """Retrieve passages for questions: BM25 over title and text, behind a two-method interface.
 
-`Retriever` is the interface the pipeline uses (`search`, `batch_search`, returning our own `Hit`s).
-`TantivyRetriever` is the embedded backend: a memory-mapped tantivy index built by
-`build_tantivy_index` (run by `jobs/build_index.py`) from the passages `read_corpus` reads. An
-Elasticsearch backend implements the same interface and must send the query described below, so
-that both backends rank alike.
+`Retriever` is the interface the pipeline uses (`search`, `batch_search`, returning our own `Hit`s);
+`make_retriever` builds the configured backend. `TantivyRetriever` is the embedded backend: a
+memory-mapped tantivy index built by `build_tantivy_index` (run by `jobs/build_index.py`) from the
+passages `read_corpus` reads and `checked_passages` vets. `elastic.ElasticsearchRetriever` is the
+Elasticsearch backend (imported only when chosen); it sends the query described below, so that both
+backends rank alike.
 
 The query (one definition for every backend)
 --------------------------------------------
@@ -73,6 +74,7 @@ CORPUS_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet", ".tsv", ".tsv.gz")
 _MIN_HEAP_PER_THREAD = 15_000_000
 # tantivy's "default" analyzer drops tokens whose UTF-8 length is >= this.
 _MAX_TOKEN_BYTES = 40
+DUPLICATE_ID = "duplicate id (the first one is indexed)"
 
 
 # --- our types and the interface ------------------------------------------------------------------
@@ -342,14 +344,40 @@ def _schema():
     return sb.build()
 
 
+def checked_passages(passages: Iterable[dict]) -> Iterator[dict]:
+    """The passages an index may hold, in order, each backend's one definition of a bad passage.
+
+    Yields `{"id", "title", "text"}` (string values) for a good passage and
+    `{"id", "_reject": reason, "_code": code}` for one that cannot be indexed: a reject from
+    `read_corpus` or a record failing the same checks (code "invalid_passage"), or a repeated id
+    (code "duplicate_id"; the first passage with the id is kept; Elasticsearch would silently
+    overwrite it). Keeps a set of the ids seen: about 100 bytes per passage.
+    """
+    seen: set[str] = set()
+    for n, record in enumerate(passages, start=1):
+        if not isinstance(record, dict):
+            yield {"id": None, "_reject": f"passage {n}: not a dict", "_code": "invalid_passage"}
+            continue
+        if "_reject" in record:
+            yield {"id": record.get("id"), "_reject": record["_reject"], "_code": "invalid_passage"}
+            continue
+        passage = _clean_passage(record, f"passage {n}")
+        if "_reject" in passage:
+            yield {**passage, "_code": "invalid_passage"}
+        elif passage["id"] in seen:
+            yield {"id": passage["id"], "_reject": f"passage {n}: {DUPLICATE_ID}", "_code": "duplicate_id"}
+        else:
+            seen.add(passage["id"])
+            yield passage
+
+
 def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap_mb: int = 256,
                         overwrite: bool = False) -> dict:
     """Index passages into a tantivy index at `index_dir`; returns {"indexed": n, "rejected": [...]}.
 
-    `passages` are dicts {"id", "title", "text"}, e.g. from `read_corpus`; its reject dicts
-    (`"_reject"`) and passages that fail the same checks (no text, non-string fields) are not
-    indexed but listed as {"id", "reason"}; so is a repeated id (the first passage with the id is
-    kept; Elasticsearch would silently overwrite it). The index is built in a sibling temporary
+    `passages` are dicts {"id", "title", "text"}, e.g. from `read_corpus`; what `checked_passages`
+    rejects (reject dicts, no text, non-string fields, a repeated id: the first passage with the id
+    is kept) is not indexed but listed as {"id", "reason"}. The index is built in a sibling temporary
     directory and moved into place when committed, so a failed build leaves no half index.
 
     Refuses (FileExistsError) an existing non-empty `index_dir` unless `overwrite`; even then it
@@ -379,24 +407,12 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap
         threads = max(1, min(os.cpu_count() or 1, 8, heap // _MIN_HEAP_PER_THREAD))
         index = tantivy.Index(_schema(), path=str(tmp_dir), reuse=False)
         writer = index.writer(heap_size=heap, num_threads=threads)
-        seen: set[str] = set()  # a set of ids: about 100 bytes per passage
         indexed = 0
         rejected: list[dict] = []
-        for n, record in enumerate(passages, start=1):
-            if not isinstance(record, dict):
-                rejected.append({"id": None, "reason": f"passage {n}: not a dict"})
-                continue
-            if "_reject" in record:
-                rejected.append({"id": record.get("id"), "reason": record["_reject"]})
-                continue
-            passage = _clean_passage(record, f"passage {n}")
+        for passage in checked_passages(passages):
             if "_reject" in passage:
                 rejected.append({"id": passage["id"], "reason": passage["_reject"]})
                 continue
-            if passage["id"] in seen:
-                rejected.append({"id": passage["id"], "reason": f"passage {n}: duplicate id (the first one is indexed)"})
-                continue
-            seen.add(passage["id"])
             writer.add_document(tantivy.Document(id=passage["id"], title=passage["title"], text=passage["text"]))
             indexed += 1
         writer.commit()
@@ -413,6 +429,21 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap
 
 
 # --- search ---------------------------------------------------------------------------------------
+
+
+def make_retriever(backend: str, *, index_path: str = "", fields: dict[str, float] | str = "title,text",
+                   es_cluster=None, es_index: str = "", es_max_concurrent_searches: int = 8,
+                   es_search_type: str = "query_then_fetch") -> Retriever:
+    """The configured backend: "tantivy" (the index at `index_path`) or "elasticsearch" (`es_index` on
+    the cluster `es_cluster`, an `elastic.Cluster`; the client is imported only here)."""
+    if backend == "tantivy":
+        return TantivyRetriever(index_path, fields=fields)
+    if backend == "elasticsearch":
+        from .elastic import ElasticsearchRetriever
+
+        return ElasticsearchRetriever(es_cluster, es_index, fields, max_concurrent_searches=es_max_concurrent_searches,
+                                      search_type=es_search_type)
+    raise ValueError(f"unknown retrieval backend {backend!r}; allowed: tantivy, elasticsearch")
 
 
 class TantivyRetriever:
