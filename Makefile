@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/synthesis.py
 	$(BIN)/python benchmarks/padding.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/elasticsearch.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -215,7 +215,9 @@ class SynthesizeConfig:
         g, r = self.generation, self.retrieval
         shaping = {
             "prompt": {"num_docs": self.prompt.num_docs},
-            "retrieval": {"backend": r.backend, "index_path": r.index_path, "top_k": r.top_k, "fields": r.fields},
+            "retrieval": {"backend": r.backend, "index_path": r.index_path, "top_k": r.top_k, "fields": r.fields,
+                          # only for elasticsearch, so fingerprints of tantivy runs stay as they were
+                          **({"es_index": r.es_index} if r.backend == "elasticsearch" else {})},
             "generation": {
                 "engine": g.engine, "model": g.model, "max_new_tokens": g.max_new_tokens,
                 "max_model_len": g.max_model_len, "temperature": g.temperature, "top_p": g.top_p,

@@ -31,6 +31,14 @@ def main(argv=None) -> None:
     except (ResumeConflict, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 - an actor's cluster outage arrives wrapped in Ray's task error
+        from instructrag_ray.elastic import cluster_error_in
+
+        message = cluster_error_in(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
