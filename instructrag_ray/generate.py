@@ -1,16 +1,23 @@
 """Generation: rendered prompts in, rationales out, behind one small engine interface.
 
-Engines (chosen by `generation.engine`, built by `make_engine`):
+Engines (chosen by `generation.engine`):
 - `TransformersEngine`: a Hugging Face causal LM, greedy by default, on GPU or CPU. Each batch's
   prompts are sorted by length and cut into micro-batches so little padding is computed.
 - `TemplateBaselineEngine`: the paper's *template rationale* ablation baseline: no model, a fixed
   sentence naming the documents that contain a gold answer. Labelled `template-baseline` everywhere.
+- `OpenAIEngine` (generate_openai.py): any OpenAI-compatible server, sent our rendered prompt.
+- vLLM (generate_vllm.py): not an engine object but a replacement for this stage, because
+  `ray.data.llm`'s processor is itself a chain of Ray Data stages.
+
+Every engine gets the prompt exactly as `PromptStage` rendered it with the model's chat template
+(PAPER.md), so rationales have the same form whichever engine wrote them.
 
 `GenerateStage` is the Ray Data stage (a callable class: the engine is built once per actor).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ import pyarrow as pa
 
 from . import prompts
 from .answers import has_answer
-from .batches import add_columns, ok_rows, reject
+from .batches import add_columns, ok_rows, reject, require
 from .tiny_model import resolve_model
 
 TEMPLATE_BASELINE = "template-baseline"
@@ -33,12 +40,51 @@ class Completion:
     finish_reason: str  # 'stop' or 'length'
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A row the engine could not generate (e.g. the server answered 500 to it after every retry):
+    the row is rejected with stage 'generate', this reason code and detail; the other rows go on."""
+
+    reason: str
+    detail: str
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine itself is gone (its server stopped answering): not a problem of the rows, so none is
+    rejected; the job stops, every row written so far is kept, and rerunning the command continues."""
+
+
 class Engine(Protocol):
     label: str  # written to the `generator` column
 
-    def generate(self, rows: Sequence[dict]) -> list[Completion]:
-        """One completion per row; a row carries at least `prompt` (and the QA columns)."""
+    def generate(self, rows: Sequence[dict]) -> list[Completion | Failure]:
+        """One result per row; a row carries at least `prompt` (and the QA columns)."""
         ...
+
+
+class Secret:
+    """A credential passed to the actors: its repr and str never show the value, so it cannot leak into
+    logs, tracebacks or a printed config."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def read_api_key(env_var: str) -> Secret | None:
+    """The API key from the environment variable named in the config (never from the config itself)."""
+    value = os.environ.get(env_var, "") if env_var else ""
+    return Secret(value) if value else None
 
 
 @dataclass
@@ -119,6 +165,20 @@ class TransformersEngine:
         return Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), "length")
 
 
+def load_tokenizer_and_stops(model: str):
+    """The model's tokenizer and its stop ids (`stop_token_ids`), without loading its weights: for the
+    engines whose model runs elsewhere (a server, vLLM replicas)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the model config carries eos_token_id
+        generation_config = AutoConfig.from_pretrained(path)
+    return tokenizer, stop_token_ids(generation_config, tokenizer)
+
+
 def stop_token_ids(generation_config, tokenizer) -> list[int]:
     """End-of-turn and end-of-text ids: the generation config's eos list plus the tokenizer's eos."""
     ids = generation_config.eos_token_id
@@ -158,37 +218,58 @@ def _join(items: list[str]) -> str:
 
 
 def make_engine(engine: str, *, model: str, num_docs: int, max_new_tokens: int, temperature: float, top_p: float,
-                dtype: str, micro_batch_size: int, sort_by_length: bool, use_gpu: bool, seed: int) -> Engine:
+                dtype: str = "auto", micro_batch_size: int = 8, sort_by_length: bool = True, use_gpu: bool = False,
+                seed: int = 0, openai: dict | None = None) -> Engine:
+    """The engine named by `generation.engine`. `openai` holds the openai engine's connection settings
+    (OpenAIEngine's fields: base_url, served_model, api_key, max_requests_per_s, ...)."""
     if engine == TEMPLATE_BASELINE:
         return TemplateBaselineEngine(num_docs=num_docs)
     if engine == "transformers":
         return TransformersEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   dtype=dtype, micro_batch_size=micro_batch_size, sort_by_length=sort_by_length,
                                   use_gpu=use_gpu, seed=seed)
-    raise ValueError(f"unknown generation engine {engine!r}; use transformers or {TEMPLATE_BASELINE}")
+    if engine == "openai":
+        from .generate_openai import OpenAIEngine
+
+        return OpenAIEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, **(openai or {}))
+    if engine == "vllm":
+        raise ValueError("the vllm engine replaces GenerateStage in the chain: use generate_vllm.vllm_generate")
+    raise ValueError(f"unknown generation engine {engine!r}; use transformers, {TEMPLATE_BASELINE} or openai")
 
 
 class GenerateStage:
     """Stage `generate` (actor): reads prompt (and the QA columns); adds rationale, completion_tokens,
-    finish_reason, generator. A batch that fails is retried row by row; a row that still fails is
-    rejected with stage 'generate'."""
+    finish_reason, generator. A row the engine reports as failed is rejected with stage 'generate' and
+    the engine's reason; a batch that raises is retried row by row, and a row that still raises is
+    rejected (generation_error). EngineUnavailable stops the job instead: the engine is gone, not the row."""
 
     def __init__(self, **engine_kwargs):
         self.engine = make_engine(**engine_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, "generate", "prompt")
         rows = batch.to_pylist()
         todo = ok_rows(rows)
-        results: dict[int, Completion] = {}
+        outcomes: dict[int, Completion | Failure] = {}
         try:
-            for i, c in zip(todo, self.engine.generate([rows[i] for i in todo])):
-                results[i] = c
+            outcomes.update(zip(todo, self.engine.generate([rows[i] for i in todo])))
+        except EngineUnavailable:
+            raise
         except Exception:  # noqa: BLE001 - isolate the failing row instead of losing the batch
             for i in todo:
                 try:
-                    results[i] = self.engine.generate([rows[i]])[0]
+                    outcomes[i] = self.engine.generate([rows[i]])[0]
+                except EngineUnavailable:
+                    raise
                 except Exception as e:  # noqa: BLE001
-                    reject(rows[i], "generate", "generation_error", f"{type(e).__name__}: {e}"[:500])
+                    outcomes[i] = Failure("generation_error", f"{type(e).__name__}: {e}"[:500])
+        results: dict[int, Completion] = {}
+        for i, outcome in outcomes.items():
+            if isinstance(outcome, Failure):
+                reject(rows[i], "generate", outcome.reason, outcome.detail)
+            else:
+                results[i] = outcome
         return add_columns(batch, rows, {
             "rationale": [results[i].text if i in results else None for i in range(len(rows))],
             "completion_tokens": [results[i].completion_tokens if i in results else None for i in range(len(rows))],
