@@ -39,8 +39,10 @@ test-integration: venv
 bench: venv
 	$(BIN)/python benchmarks/synthesis.py
 	$(BIN)/python benchmarks/padding.py
+	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/elasticsearch.py
+	$(BIN)/python benchmarks/engines.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -5,6 +5,7 @@ model on localhost): the same rationales as the transformers engine, a server th
 import json
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -98,8 +99,6 @@ def test_openai_engine_writes_what_the_transformers_engine_writes(ray_local, ind
     out, err = capfd.readouterr()
     assert KEY not in out + err
     logs = ray_local._private.worker._global_node.get_logs_dir_path()  # internal, but the only way to Ray's logs
-    from pathlib import Path
-
     assert all(KEY.encode() not in p.read_bytes() for p in Path(logs).rglob("*") if p.is_file())
 
 
@@ -140,14 +139,14 @@ def test_server_errors_reject_only_their_rows(ray_local, index, qa, server, tmp_
 def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local, tiny_model, index, qa, tmp_path):
     qa_path, rows = qa
     server = LocalServer(tiny_model, tmp_path / "server.log").start()
+    # blocks of 4 rows all the way (retrieval would bundle them into one), so batches are written as they finish
     cfg = config(qa_path, tmp_path / "out", index, *openai(server.url, "generation.max_retries=1"),
-                 "generation.batch_size=4", "generation.concurrency=2")
+                 "generation.batch_size=4", "retrieval.batch_size=4", "generation.concurrency=2")
 
-    def kill_mid_run():  # once a batch is written (or most rows are done), before the last rows
+    def kill_mid_run():  # once some rows are written (or most are done), before the last rows
         written = tmp_path / "out" / "rationales"
         while server.proc.poll() is None:
-            served = server.completions_served()
-            if (served >= 5 and any(written.glob("*.parquet"))) or served >= ROWS - 3:
+            if any(written.glob("*.parquet")) or server.completions_served() >= ROWS - 2:
                 server.kill()
             time.sleep(0.05)
 
@@ -160,7 +159,7 @@ def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local
         first_good, first_bad = read(tmp_path / "out" / "rationales"), read(tmp_path / "out" / "rejected")
         assert not (tmp_path / "out" / "manifest.json").exists()
         assert all(r["stage"] != "generate" for r in first_bad)  # an outage rejects no row
-        assert len(first_good) < ROWS
+        assert 0 < len(first_good) < ROWS
 
         server = LocalServer(tiny_model, tmp_path / "server2.log", port=server.port).start()  # back, same URL
         again = run_synthesis(cfg)
