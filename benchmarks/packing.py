@@ -12,10 +12,11 @@ metrics.jsonl), the median over the steps after the first; `padding_share` is th
 token slots that are padding. The loss of each step must agree between the two layouts (it is the
 same computation, laid out differently), which the table shows too.
 
-What to expect: packing removes padding compute, but on CPU the block-diagonal attention of a packed
-row is a masked dense attention over the whole row (no varlen kernel), so rows of max_length tokens
-pay quadratic attention that padded rows of the batch's longest example do not. On GPU with
-attn_implementation=flash_attention_2 the packed rows run as varlen attention.
+What to expect: packing computes no padding at all (each micro-batch is one row of its examples end to
+end), and attention stays per example (`packed_sdpa`: causal sdpa on each example's span; varlen
+flash attention on GPU with attn_implementation=flash_attention_2), so packed costs what the real tokens
+cost. The gain grows with the spread of example lengths in a micro-batch (the padding share of the
+padded run); the per-example attention loop costs a little Python per example.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--people", type=int, default=120)
     parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--num-docs", type=int, default=2, help="K: documents per prompt (lengths vary with them)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench_packing.yaml"))
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out).resolve()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
-    data = prepare_rationales(out, args.seed, args.people, args.questions)
+    data = prepare_rationales(out, args.seed, args.people, args.questions, args.num_docs)
     runs = {False: [], True: []}
     for repeat in range(args.repeats):
         for packing in (False, True):

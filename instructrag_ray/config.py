@@ -382,7 +382,7 @@ class TrainDataConfig:
     num_docs: int = opt(0, "K: documents in the FT prompt; 0 = the K the rationales were written with (prompt.num_docs in the synthesis manifest.json), else 5 (paper: 5; 10 for 2WikiMultiHopQA)", minimum=0)
     max_length: int = opt(4096, "most tokens per example (prompt + rationale + end-of-turn); documents are cut from the left to fit, the rationale is kept whole (paper: 4096)", minimum=8)
     limit: int = opt(0, "use at most the first N rationale rows (0 = all)", minimum=0)
-    packing: bool = opt(False, "pack each micro-batch's examples into rows of up to max_length tokens (position ids restart per example, attention stays within an example): same loss, less padding")
+    packing: bool = opt(False, "concatenate each micro-batch's examples into one row without padding (position ids restart per example; attention stays within each example: per-example sdpa, or varlen with attn_implementation=flash_attention_2): same loss, no padding computed")
     shuffle_buffer: int = opt(10000, "rows in each worker's shuffle buffer, seeded by (seed, epoch) so a resume sees the same order; 0 = input order", minimum=0)
     num_cpus: float = opt(0.5, "CPUs per example-building actor (tokenizer)", minimum=0)
     max_actors: int = opt(1, "example-building actor pool: maximum size", minimum=1)

@@ -31,8 +31,9 @@ checkpoint and skips exactly the batches already trained on.
 Loss. One optimizer step covers `optim.global_batch_size` examples: each worker runs `gradient
 accumulation` micro-batches of `optim.micro_batch_size`. The loss is the mean over every target token
 of the step (the token count is all-reduced first), so it does not depend on how examples are laid
-out in micro-batches; with `data.packing` a micro-batch's examples share rows (position ids restart
-per example and attention stays within an example) and the loss and gradient are the same as padded.
+out in micro-batches; with `data.packing` a micro-batch's examples are concatenated into one row
+without padding (position ids restart per example and attention stays within each example: varlen
+flash attention when named, else per-example sdpa) and the loss and gradient are the same as padded.
 """
 
 from __future__ import annotations
@@ -246,56 +247,72 @@ def pad_batch(examples: list[tuple[list[int], int]], pad_id: int) -> MicroBatch:
     return MicroBatch(input_ids, labels, mask, None, example_of, int(mask.sum()), int((labels != IGNORE_INDEX).sum()))
 
 
-def pack_batch(examples: list[tuple[list[int], int]], capacity: int, pad_id: int) -> MicroBatch:
-    """Examples packed into as few rows of at most `capacity` tokens as first-fit-decreasing finds.
+def pack_batch(examples: list[tuple[list[int], int]], pad_id: int) -> MicroBatch:
+    """All examples of the micro-batch concatenated into one row: no padding at all.
 
-    Position ids restart at 0 for every example (and for a row's padding tail), and no attention mask
-    is passed: transformers then reads the restarts as sequence boundaries and attends only within
-    each example (block-diagonal causal mask for eager/sdpa, varlen kernels for flash attention).
+    Position ids restart at 0 for every example and no attention mask is passed. transformers reads the
+    restarts as sequence boundaries: `flash_attention_2` runs them as varlen attention, sdpa/eager build
+    a block-diagonal causal mask, and this module's `packed_sdpa` (the default when packing) runs sdpa
+    on each example's span alone. Either way no token attends across examples.
     """
     import torch
 
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = len(examples[i][0])
-        slot = next((b for b, room in enumerate(free) if room >= n), None)
-        if slot is None:
-            bins.append([i])
-            free.append(capacity - n)
-        else:
-            bins[slot].append(i)
-            free[slot] -= n
-    width = max(capacity - room for room in free)
-    rows = len(bins)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((rows, width), dtype=torch.long)
-    example_of = torch.full((rows, width), -1, dtype=torch.long)
-    tokens = 0
-    for r, members in enumerate(bins):
-        at = 0
-        for i in members:
-            ids, p = examples[i]
-            n = len(ids)
-            input_ids[r, at:at + n] = torch.tensor(ids)
-            labels[r, at:at + n] = torch.tensor(shifted_labels(ids, p))
-            position_ids[r, at:at + n] = torch.arange(n)
-            example_of[r, at:at + n] = i
-            at += n
-        position_ids[r, at:] = torch.arange(width - at)  # the padding tail is a sequence of its own
-        tokens += at
-    return MicroBatch(input_ids, labels, None, position_ids, example_of, tokens,
-                      int((labels != IGNORE_INDEX).sum()))
+    ids = [t for example, _ in examples for t in example]
+    labels = [t for example, p in examples for t in shifted_labels(example, p)]
+    positions = [i for example, _ in examples for i in range(len(example))]
+    owner = [i for i, (example, _) in enumerate(examples) for _ in example]
+    mb_labels = torch.tensor([labels])
+    return MicroBatch(torch.tensor([ids]), mb_labels, None, torch.tensor([positions]), torch.tensor([owner]),
+                      len(ids), int((mb_labels != IGNORE_INDEX).sum()))
 
 
-def make_micro_batch(examples: list[tuple[list[int], int]], pad_id: int, packing: bool, capacity: int) -> MicroBatch:
+def make_micro_batch(examples: list[tuple[list[int], int]], pad_id: int, packing: bool) -> MicroBatch:
     if not examples:
         # Every worker must run the same number of forward passes (ZeRO-3 gathers parameters in them):
         # an empty micro-batch at the end of an epoch becomes one padding token without loss.
         return pad_batch([([pad_id], 1)], pad_id)
-    return pack_batch(examples, capacity, pad_id) if packing else pad_batch(examples, pad_id)
+    return pack_batch(examples, pad_id) if packing else pad_batch(examples, pad_id)
+
+
+PACKED_SDPA = "instructrag_packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                **kwargs):
+    """Varlen attention without a varlen kernel: sdpa on each packed example's span alone (causal).
+
+    Registered with transformers' AttentionInterface (`use_packed_sdpa`). Spans start wherever the
+    position ids do not count up by one, as transformers itself detects packed rows; no (length x
+    length) mask is built and nothing is computed across examples, so a packed row costs what its
+    examples cost alone. With no mask and no restarts (padded batches are right-padded) it is plain
+    causal sdpa, exact for every real token.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.pop("position_ids", None)
+    kwargs.pop("is_causal", None)
+    if position_ids is None or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    length = query.shape[2]
+    rows = []
+    for r in range(query.shape[0]):
+        pos = position_ids[r if position_ids.shape[0] > 1 else 0]
+        cuts = [0] + (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist() + [length]
+        spans = [sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b],
+                                        value[r:r + 1, :, a:b], None, dropout=dropout, scaling=scaling,
+                                        is_causal=True, **kwargs)[0] for a, b in zip(cuts, cuts[1:])]
+        rows.append(torch.cat(spans, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def use_packed_sdpa() -> str:
+    """Register `packed_sdpa` with transformers; returns its attn_implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    return PACKED_SDPA
 
 
 def token_losses(model, mb: MicroBatch) -> "torch.Tensor":
@@ -442,7 +459,11 @@ def train_loop_per_worker(config: dict) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(config["deepspeed"])
-    extra = {"attn_implementation": config["attn_implementation"]} if config["attn_implementation"] else {}
+    # Packed rows need attention that stops at example boundaries: a varlen kernel when one is named
+    # (flash_attention_2 on GPU), else per-example sdpa. transformers' default sdpa would build a dense
+    # block-diagonal mask over the whole row and compute every masked-out score.
+    attn = config["attn_implementation"] or (use_packed_sdpa() if config["packing"] else "")
+    extra = {"attn_implementation": attn} if attn else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32, **extra)
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -483,7 +504,7 @@ def train_loop_per_worker(config: dict) -> None:
             if failing and pos.step + 1 == fail_at and rank == world - 1:
                 os._exit(1)  # a worker dies mid-epoch (tests FailureConfig recovery)
             rows = list(zip(batch["input_ids"].to_pylist(), batch["prompt_tokens"].to_pylist()))
-            stats = _train_step(engine, rows, plan.grad_accum, pad_id, config["packing"], config["max_length"])
+            stats = _train_step(engine, rows, plan.grad_accum, pad_id, config["packing"])
             # Which examples this worker trained on in this step: equal digests = the same data position.
             stats["batch_digest"] = hashlib.sha1("\n".join(batch["id"].to_pylist()).encode()).hexdigest()[:12]
             pos.step += 1
@@ -527,8 +548,7 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _train_step(engine, rows: list[tuple[list[int], int]], grad_accum: int, pad_id: int, packing: bool,
-                capacity: int) -> dict:
+def _train_step(engine, rows: list[tuple[list[int], int]], grad_accum: int, pad_id: int, packing: bool) -> dict:
     """One optimizer step: grad_accum micro-batches; loss = mean over the step's target tokens (all workers)."""
     import torch
     import torch.distributed as dist
@@ -547,7 +567,7 @@ def _train_step(engine, rows: list[tuple[list[int], int]], grad_accum: int, pad_
     lr = engine.get_lr()[0]
     sums = torch.zeros(2, dtype=torch.float64)  # summed token loss, token slots computed (with padding)
     for part in micro:
-        mb = make_micro_batch(part, pad_id, packing, capacity)
+        mb = make_micro_batch(part, pad_id, packing)
         nll = token_losses(engine, mb).sum()
         engine.backward(nll * scale)
         engine.step()
@@ -833,7 +853,7 @@ def run_training(cfg: TrainConfig, *, fail_at_step: int = 0) -> dict:
     init_ray(cfg.ray_address)
 
     num_docs = resolve_num_docs(cfg.input, cfg.data.num_docs)
-    log(f"building examples from {cfg.input} ({num_docs} documents per prompt)")
+    log(f"building examples from {cfg.input} ({num_docs} document{'s' if num_docs != 1 else ''} per prompt)")
     examples = build_examples(cfg, num_docs)
     summary, rejected = summarize_examples(examples)
     summary["seconds"] = round(time.time() - started, 2)
@@ -861,7 +881,7 @@ def run_training(cfg: TrainConfig, *, fail_at_step: int = 0) -> dict:
     precision = resolve_precision(cfg.deepspeed.precision, s.use_gpu)
     loop_config = {
         "plan": asdict(plan), "model": cfg.model, "seed": cfg.seed, "max_steps": cfg.max_steps,
-        "max_length": cfg.data.max_length, "packing": cfg.data.packing, "shuffle_buffer": cfg.data.shuffle_buffer,
+        "packing": cfg.data.packing, "shuffle_buffer": cfg.data.shuffle_buffer,
         "log_every": cfg.log_every, "checkpoint_every": cfg.checkpoint_every,
         "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.deepspeed.gradient_checkpointing,
         "metrics_path": str(out / METRICS), "export_dir": str(out / MODEL), "fail_at_step": fail_at_step,

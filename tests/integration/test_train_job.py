@@ -145,3 +145,21 @@ def test_a_finished_run_is_not_redone_and_other_settings_are_refused(zero2, rati
     assert again == json.loads(json.dumps(second, default=str)) and len(read_metrics(out / "metrics.jsonl")) == lines
     with pytest.raises(OutputConflict, match="overwrite=true"):
         run_training(train_config(rationales, out, "deepspeed.zero_stage=2", "optim.learning_rate=1e-4"))
+
+
+def test_packed_training_takes_the_same_steps_as_padded(zero2, rationales, tmp_path_factory):
+    """data.packing=true in the real job (the packed attention registered inside each Ray worker): the
+    same examples in the same order give the same loss at every step, with no padding computed."""
+    out = tmp_path_factory.mktemp("packed") / "sft"
+    manifest = run_training(train_config(rationales, out, "deepspeed.zero_stage=2", "data.packing=true",
+                                         "max_steps=3"))
+    assert manifest["final_step"] == 3
+    packed = losses_by_step(read_metrics(out / "metrics.jsonl"))
+    padded = losses_by_step(read_metrics(zero2[0] / "metrics.jsonl"))
+    assert sorted(packed) == [1, 2, 3]
+    for step, record in packed.items():
+        assert record["batch_digest"] == padded[step]["batch_digest"]
+        assert record["loss"] == pytest.approx(padded[step]["loss"], rel=1e-4)
+        assert record["padding_share"] <= padded[step]["padding_share"]
+    # Only step 3's empty micro-batch (a single padding token, see COMMON) computes any padding.
+    assert packed[1]["padding_share"] == packed[2]["padding_share"] == 0.0

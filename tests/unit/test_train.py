@@ -126,20 +126,28 @@ def _examples(tok):
     return out
 
 
-def test_packed_batch_gives_each_example_the_same_loss_as_padded(tok, lm):
+@pytest.fixture(scope="module")
+def lm_packed_sdpa(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=train.use_packed_sdpa()).eval()
+
+
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+def test_packed_batch_gives_each_example_the_same_loss_as_padded(tok, lm, lm_packed_sdpa, attention):
+    """The job's per-example sdpa, and transformers' own block-diagonal mask from restarting position ids."""
     import torch
 
+    model = lm_packed_sdpa if attention == "packed_sdpa" else lm
     examples = _examples(tok)
     lengths = [len(ids) for ids, _ in examples]
     assert len(set(lengths)) > 1
-    capacity = max(lengths) + min(lengths) + 10  # room for at least two examples in a row
     padded = train.pad_batch(examples, tok.pad_token_id)
-    packed = train.pack_batch(examples, capacity, tok.pad_token_id)
-    assert packed.input_ids.shape[0] < len(examples) and packed.input_ids.shape[1] <= capacity
+    packed = train.pack_batch(examples, tok.pad_token_id)
+    assert packed.input_ids.shape == (1, sum(lengths)) and padded.input_ids.shape == (5, max(lengths))
     assert packed.tokens == padded.tokens == sum(lengths) and packed.target_tokens == padded.target_tokens
-    assert packed.input_ids.numel() < padded.input_ids.numel()  # less padding computed
     with torch.no_grad():
-        lp, lk = train.token_losses(lm, padded), train.token_losses(lm, packed)
+        lp, lk = train.token_losses(lm, padded), train.token_losses(model, packed)
     per_padded = train.example_losses(lp, padded, len(examples))
     per_packed = train.example_losses(lk, packed, len(examples))
     assert per_packed == pytest.approx(per_padded, rel=1e-5, abs=1e-5)
@@ -152,15 +160,24 @@ def test_packed_batch_gives_each_example_the_same_loss_as_padded(tok, lm):
         assert alone == pytest.approx(per_padded[i], rel=1e-5, abs=1e-5)
     # Control: without the position restarts the packed examples see each other, and losses change.
     leaky = train.MicroBatch(packed.input_ids, packed.labels, None,
-                             torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids),
+                             torch.arange(packed.input_ids.shape[1]).unsqueeze(0),
                              packed.example_of, packed.tokens, packed.target_tokens)
     with torch.no_grad():
-        per_leaky = train.example_losses(train.token_losses(lm, leaky), leaky, len(examples))
+        per_leaky = train.example_losses(train.token_losses(model, leaky), leaky, len(examples))
     assert per_leaky != pytest.approx(per_padded, rel=1e-4, abs=1e-4)
 
 
+def test_packed_sdpa_on_padded_rows_is_plain_causal_attention(tok, lm, lm_packed_sdpa):
+    import torch
+
+    padded = train.pad_batch(_examples(tok), tok.pad_token_id)
+    with torch.no_grad():
+        a, b = train.token_losses(lm, padded), train.token_losses(lm_packed_sdpa, padded)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_empty_micro_batch_is_a_single_padding_token_without_loss():
-    mb = train.make_micro_batch([], pad_id=5, packing=True, capacity=64)
+    mb = train.make_micro_batch([], pad_id=5, packing=True)
     assert mb.input_ids.tolist() == [[5]] and mb.target_tokens == 0 and mb.tokens == 1
 
 
