@@ -198,6 +198,7 @@ class SynthesizeConfig:
             raise ConfigError("input is required: pass --input PATH (a .jsonl/.json/.parquet file or directory)")
         if not self.output:
             raise ConfigError("output is required: pass --output DIR")
+        self.generation.validate()
         if self.generation.max_actors < self.generation.min_actors:
             raise ConfigError("generation.max_actors must be >= generation.min_actors")
         if self.retrieval.max_actors < self.retrieval.min_actors:
@@ -360,6 +361,7 @@ class EvaluateConfig:
                               "(transformers, vllm or openai): the template baseline reads the gold answers")
         if not 0 < self.metrics.confidence < 1:
             raise ConfigError(f"config key 'metrics.confidence' is {self.metrics.confidence!r}; it must be between 0 and 1")
+        self.generation.validate()
         parse_resources(self.generation.resources, "generation.resources")
         parse_resources(self.retrieval.resources, "retrieval.resources")
         if self.generation.max_actors < self.generation.min_actors:

@@ -60,15 +60,15 @@ def test_engine_options_carry_the_key_as_a_secret_and_split_the_rate(monkeypatch
     (["generation.engine=vllm", "generation.num_gpus=1"], "tensor_parallel_size x pipeline_parallel_size"),
     (["generation.gpu_memory_utilization=1.5"], "must be <= 1"),
 ])
-def test_engine_settings_are_checked(overrides, message):
-    c = GenerationConfig()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        from instructrag_ray.config import set_value
+@pytest.mark.parametrize("job", ["synthesize", "evaluate"])
+def test_engine_settings_are_checked_when_a_job_config_loads(overrides, message, job):
+    from instructrag_ray.config import EvaluateConfig
 
-        set_value(c, key.removeprefix("generation."), value)
+    config, base = ((SynthesizeConfig, BASE) if job == "synthesize"
+                    else (EvaluateConfig, BASE + ["methods=vanilla-rag"]))
+    load_config(config, None, base)  # the defaults pass
     with pytest.raises(ConfigError, match=message):
-        c.validate()
+        load_config(config, None, base + overrides)
 
 
 def test_new_engines_are_choices():
