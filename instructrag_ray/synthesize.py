@@ -236,6 +236,10 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
 
     plan = plan_rows(parsed, existing, cfg.limit)
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
+    if existing.retry_ids:
+        n = len(existing.retry_ids)
+        log(f"{n} row{'s' if n != 1 else ''} rejected by an earlier run for a passing failure (a model server or "
+            "search cluster error) will be tried again")
     if plan.need_retrieval and cfg.retrieval.backend == "tantivy" and not cfg.retrieval.index_path:
         raise SystemExit(
             f"error: {plan.need_retrieval} rows have no ctxs and retrieval.index_path is not set; build an index "

@@ -7,7 +7,8 @@ Layout of an output directory:
 
 Each batch is written as its own files the moment it is done (temporary name, then an atomic rename),
 so a job that dies keeps every finished batch and never leaves a half-written file. A rerun reads the
-ids and fingerprints already written, skips those ids, and refuses to mix settings.
+ids and fingerprints already written, skips those ids, and refuses to mix settings; rows rejected for a
+passing failure (RETRIED_ON_RESUME) are taken out of rejected/ and tried again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import pyarrow.parquet as pq
 from . import schemas
 
 RATIONALES, REJECTED, MANIFEST = "rationales", "rejected", "manifest.json"
+# Rejects that a rerun may turn into rationales (a model server or a search cluster that failed for a
+# while); every other reason is a property of the row and the settings, so a rerun keeps it.
+RETRIED_ON_RESUME = frozenset({("generate", "generation_error"), ("generate", "rate_limited"),
+                               ("generate", "server_error"), ("generate", "timeout"), ("retrieve", "search_failed")})
 
 
 class ResumeConflict(RuntimeError):
@@ -77,6 +82,7 @@ class ExistingOutput:
 
     ids: set[str] = field(default_factory=set)            # done: a rationale or a reject for the row
     duplicate_ids: set[str] = field(default_factory=set)  # ids whose extra copies were already rejected
+    retry_ids: set[str] = field(default_factory=set)      # rejected for a passing failure: to try again
     fingerprints: set[str] = field(default_factory=set)
     files: int = 0
 
@@ -85,7 +91,8 @@ def scan_output(output: str) -> ExistingOutput:
     """Ids and fingerprints already written under rationales/ and rejected/ (only a few columns are read).
 
     A `duplicate_id` reject shares its id with the row that was kept, so it must not mark that id
-    done: it goes to `duplicate_ids` instead.
+    done: it goes to `duplicate_ids` instead. A reject for a passing failure (RETRIED_ON_RESUME) does
+    not mark its id done either: it goes to `retry_ids`.
     """
     found = ExistingOutput()
     for file in sorted((Path(output) / RATIONALES).glob("*.parquet")):
@@ -94,9 +101,14 @@ def scan_output(output: str) -> ExistingOutput:
         found.fingerprints.update(table["config_fingerprint"])
         found.files += 1
     for file in sorted((Path(output) / REJECTED).glob("*.parquet")):
-        table = pq.read_table(file, columns=["id", "reason", "config_fingerprint"]).to_pydict()
-        for rid, reason in zip(table["id"], table["reason"]):
-            (found.duplicate_ids if reason == "duplicate_id" else found.ids).add(rid)
+        table = pq.read_table(file, columns=["id", "stage", "reason", "config_fingerprint"]).to_pydict()
+        for rid, stage, reason in zip(table["id"], table["stage"], table["reason"]):
+            if reason == "duplicate_id":
+                found.duplicate_ids.add(rid)
+            elif (stage, reason) in RETRIED_ON_RESUME:
+                found.retry_ids.add(rid)
+            else:
+                found.ids.add(rid)
         found.fingerprints.update(table["config_fingerprint"])
         found.files += 1
     return found
@@ -114,7 +126,26 @@ def prepare_output(output: str, fingerprint: str, overwrite: bool) -> ExistingOu
     if other or (overwrite and existing.files):
         clear_output(output)
         return ExistingOutput()
+    if existing.retry_ids:
+        drop_retried_rejects(output)
     return existing
+
+
+def drop_retried_rejects(output: str) -> None:
+    """Take the RETRIED_ON_RESUME rejects out of rejected/ (each file rewritten atomically, or removed),
+    so that a retried row ends up exactly once: as a rationale, or as this run's reject."""
+    for file in sorted((Path(output) / REJECTED).glob("*.parquet")):
+        table = pq.read_table(file)
+        keep = [(stage, reason) not in RETRIED_ON_RESUME
+                for stage, reason in zip(table["stage"].to_pylist(), table["reason"].to_pylist())]
+        if all(keep):
+            continue
+        if any(keep):
+            tmp = file.with_name(f".{file.name}.tmp")
+            pq.write_table(table.filter(pa.array(keep)), tmp)
+            os.replace(tmp, file)
+        else:
+            file.unlink()
 
 
 def clear_output(output: str) -> None:

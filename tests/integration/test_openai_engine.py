@@ -107,7 +107,11 @@ def test_server_errors_reject_only_their_rows(ray_local, index, qa, server, tmp_
     # the prompt shows a question lower-cased at its start, with "?" appended (PAPER.md's normalisation)
     broken, invalid = rows[2]["question"][1:].rstrip("?"), rows[5]["question"][1:].rstrip("?")
 
+    healed = []
+
     def fault(prompt, attempt):
+        if healed:
+            return None
         if broken in prompt:
             return 500, {"error": {"message": "injected: model worker crashed"}}, {}
         if invalid in prompt:
@@ -120,20 +124,31 @@ def test_server_errors_reject_only_their_rows(ray_local, index, qa, server, tmp_
     proxy = FaultyProxy(server.root, fault)
     try:
         manifest = run_synthesis(config(qa_path, tmp_path / "out", index, *openai(proxy.url)))
+        first = (read(tmp_path / "out" / "rationales"), read(tmp_path / "out" / "rejected"))
+        attempts = dict(proxy.attempts)
+        healed.append(True)  # the model worker is back: a rerun tries the 5xx row again, not the 400 one
+        again = run_synthesis(config(qa_path, tmp_path / "out", index, *openai(proxy.url)))
     finally:
         proxy.stop()
 
-    good, bad = read(tmp_path / "out" / "rationales"), read(tmp_path / "out" / "rejected")
+    good, bad = first
     by_id = {r["id"]: r for r in bad}
     assert by_id[rows[2]["id"]]["stage"] == "generate" and by_id[rows[2]["id"]]["reason"] == "server_error"
     assert "HTTP 500" in by_id[rows[2]["id"]]["detail"] and "model worker crashed" in by_id[rows[2]["id"]]["detail"]
     assert by_id[rows[5]["id"]]["reason"] == "request_rejected" and "HTTP 400" in by_id[rows[5]["id"]]["detail"]
     assert len(good) == ROWS - 2 and len(bad) == 4  # + the two rows rejected before generation
     retried = [p for p, statuses in proxy.faults.items() if broken not in p and invalid not in p]
-    assert retried and all(proxy.attempts[p] == 2 for p in retried)  # failed once, then written
-    assert proxy.attempts[next(p for p in proxy.attempts if broken in p)] == 3  # 1 + max_retries
+    assert retried and all(attempts[p] == 2 for p in retried)  # failed once, then written
+    assert attempts[next(p for p in attempts if broken in p)] == 3  # 1 + max_retries
     assert manifest["totals"]["reject_reasons"]["generate:server_error"] == 1
     assert manifest["totals"]["reject_reasons"]["generate:request_rejected"] == 1
+
+    good, bad = read(tmp_path / "out" / "rationales"), read(tmp_path / "out" / "rejected")
+    assert again["this_run"]["written"] == 1 and rows[2]["id"] in {r["id"] for r in good}
+    assert sorted(r["id"] for r in good + bad) == sorted({r["id"] for r in good + bad})  # each row once
+    assert {r["id"] for r in bad} == {r["id"] for r in first[1]} - {rows[2]["id"]}
+    assert "generate:server_error" not in again["totals"]["reject_reasons"]
+    assert again["totals"]["reject_reasons"]["generate:request_rejected"] == 1
 
 
 def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local, tiny_model, index, qa, tmp_path):

@@ -36,12 +36,35 @@ def test_write_batch_splits_rows_with_explicit_schemas(tmp_path):
 
 
 def test_prepare_output_resumes_refuses_and_overwrites(tmp_path):
-    write.write_batch(pa.Table.from_pylist(flight_rows()), str(tmp_path), "fp1")
+    rows = flight_rows()
+    rows[2].update(reject_stage="prompt", reject_reason="prompt_too_long")
+    write.write_batch(pa.Table.from_pylist(rows), str(tmp_path), "fp1")
     assert write.prepare_output(str(tmp_path), "fp1", overwrite=False).ids == {"r0", "r1", "r2"}
     with pytest.raises(write.ResumeConflict, match="overwrite=true"):
         write.prepare_output(str(tmp_path), "fp2", overwrite=False)
     assert write.prepare_output(str(tmp_path), "fp2", overwrite=True).ids == set()
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_rejects_for_a_passing_failure_are_taken_out_and_tried_again(tmp_path):
+    rows = flight_rows(1, 4)  # r1..r4 rejected
+    rows[2].update(reject_stage="retrieve", reject_reason="search_failed")
+    rows[3].update(reject_stage="validate", reject_reason="missing_answers")
+    rows[4].update(reject_stage="prompt", reject_reason="prompt_too_long")
+    write.write_batch(pa.Table.from_pylist(rows), str(tmp_path), "fp")
+    alone = flight_rows(0, 1)
+    alone[0]["id"] = "r5"
+    write.write_batch(pa.Table.from_pylist(alone), str(tmp_path), "fp")  # a file of one generation_error
+    (only_retried,) = [f for f in (tmp_path / "rejected").glob("*.parquet") if pq.read_metadata(f).num_rows == 1]
+
+    existing = write.prepare_output(str(tmp_path), "fp", overwrite=False)
+    assert existing.ids == {"r0", "r3", "r4"} and existing.retry_ids == {"r1", "r2", "r5"}
+    left = pq.read_table(tmp_path / "rejected")
+    assert left.schema.equals(schemas.load("rejected"), check_metadata=False)
+    assert sorted(left["id"].to_pylist()) == ["r3", "r4"]  # kept: properties of the row and the settings
+    assert not only_retried.exists() and not list(tmp_path.rglob(".*.tmp"))
+    assert write.output_totals(str(tmp_path))["reject_reasons"] == {"validate:missing_answers": 1,
+                                                                     "prompt:prompt_too_long": 1}
 
 
 def test_duplicate_rejects_do_not_mark_the_kept_id_done(tmp_path):
