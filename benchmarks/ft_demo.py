@@ -1,7 +1,7 @@
 """InstructRAG-FT at CPU scale: does fine-tuning on rationales make the tiny model answer held-out questions?
 
-Run by hand (about ten CPU minutes on 2 cores; prints both accuracies):
-    .venv/bin/python benchmarks/ft_demo.py [--out demo_out/ft_demo] [--relations all] [--num-docs 1] ...
+Run by hand (about eight CPU minutes on 2 cores; prints both accuracies):
+    .venv/bin/python benchmarks/ft_demo.py [--out demo_out/ft_demo] [--relations all] [--train-on all] ...
 
 1. the synthetic world (train/test split by question id) and a tantivy BM25 index over its passages;
 2. the synthesis job on the train split with generation.engine=template-baseline (the paper's template
@@ -18,11 +18,14 @@ retrieves for each test question, then the question), rendered by the model's ch
 in training; decoding is greedy and stops at the end-of-turn token. No test question is trained on.
 
 The task setting is simplified, and says so in its report, because a 1.3M-parameter model trained for a
-few CPU minutes does not learn to copy made-up names out of a document (with every relation, it learns
-the rationale's form and answers 0% either way): by default only questions whose answers come from
-small closed sets (occupation, genre, sport, instrument) are used, one document is shown, and BM25
-searches titles only (the synthetic passages are titled by their entity, so the top document holds the
-answer far more often). `--relations all --num-docs 5 --fields title,text` is the full setting.
+few CPU minutes from random weights learns little from the full one: by default only questions whose
+answers come from closed sets (occupation, genre, sport, instrument) are used, one document is shown,
+BM25 searches titles only (the synthetic passages are titled by their entity, so the top document holds
+the answer far more often), and training keeps the rationales whose document holds the answer
+(`--train-on answer-in-docs`; the test questions are all kept, whatever their document holds). Trained
+on every rationale, more than half of the targets say "None of the documents contains the answer ...
+the answer is X", which teaches the small model to guess answers rather than read them.
+`--relations all --num-docs 5 --fields title,text --train-on all` is the full setting.
 
 Read the two accuracies against two reference points the script prints for the same test questions:
 how often the shown document holds a gold answer (what reading it can reach) and the accuracy of
@@ -112,6 +115,18 @@ def accuracy(model: str, rows: list[dict], index: Path, fields: str, num_docs: i
                          for r, o, ok in list(zip(rows, outputs, correct))[:5]]}
 
 
+def rationales_with_answer_in_docs(synthesis: Path, out: Path) -> Path:
+    """The synthesis output's rationales whose shown documents hold a gold answer (`answer_in_docs`),
+    as one Parquet file: training data in which the answer can always be read off a document."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(synthesis / "rationales")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(pc.field("answer_in_docs")), out / "part-0.parquet")
+    return out
+
+
 def reference_points(train: list[dict], test: list[dict], index: Path, fields: str, num_docs: int) -> dict:
     """What the two accuracies are to be read against, by the same metric on the same test questions:
     `answer_in_docs`, the share whose shown documents hold a gold answer (what reading them can reach);
@@ -151,6 +166,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "ft_demo.yaml"))
     parser.add_argument("--num-docs", type=int, default=1, help="K: documents in the synthesis and FT prompts")
     parser.add_argument("--fields", default="title", help="BM25 fields (retrieval.fields) for synthesis and test")
+    parser.add_argument("--train-on", choices=("answer-in-docs", "all"), default="answer-in-docs",
+                        help="train on the rationales whose document holds the answer (default), or on all")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the training job")
     args = parser.parse_args(argv)
@@ -165,15 +182,19 @@ def main(argv=None) -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     relations = None if args.relations == "all" else set(args.relations.split(","))
     data = prepare_rationales(out, args.seed, args.people, args.questions, args.num_docs, relations, args.fields)
-    cfg = load_config(TrainConfig, args.config, [f"input={data['synthesis']}", f"output={out / 'sft'}",
-                                                 *args.overrides])
+    train_input = data["synthesis"]
+    if args.train_on == "answer-in-docs":
+        train_input = rationales_with_answer_in_docs(data["synthesis"], out / "rationales_answer_in_docs")
+    cfg = load_config(TrainConfig, args.config, [
+        f"input={train_input}", f"output={out / 'sft'}",
+        f"data.num_docs={resolve_num_docs(str(data['synthesis']), 0)}", *args.overrides])
+    num_docs = cfg.data.num_docs
     test = [json.loads(line) for line in data["world"]["test"].read_text().splitlines() if line.strip()]
     train = [json.loads(line) for line in data["world"]["train"].read_text().splitlines() if line.strip()]
     n_train = len(train)
-    print(f"[ft_demo] {n_train} training questions (template rationales), {len(test)} held-out test questions; "
-          f"relations: {args.relations}")
+    print(f"[ft_demo] {n_train} training questions (template rationales; trained on: {args.train_on}), "
+          f"{len(test)} held-out test questions; relations: {args.relations}")
 
-    num_docs = resolve_num_docs(str(data["synthesis"]), cfg.data.num_docs)
     eval_args = dict(rows=test, index=data["index"], fields=args.fields, num_docs=num_docs,
                      max_length=cfg.data.max_length, max_new_tokens=args.max_new_tokens)
     before = accuracy(cfg.model, **eval_args)
@@ -199,7 +220,7 @@ def main(argv=None) -> None:
         "loss": [manifest["first_loss"], manifest["final_loss"]], "config": args.config,
         "reference": reference, "paired": {"right_only_after": wins, "right_only_before": losses,
                                            "sign_test_p": sign_test(wins, losses)},
-        "overrides": args.overrides, "relations": args.relations, "num_docs": num_docs, "fields": args.fields,
+        "overrides": args.overrides, "train_on": args.train_on, "relations": args.relations, "num_docs": num_docs, "fields": args.fields,
         "world": {"seed": args.seed, "people": args.people, "questions": args.questions},
         "wall_seconds": round(time.time() - started, 1),
     }
