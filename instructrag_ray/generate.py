@@ -18,7 +18,6 @@ Every engine gets the prompt exactly as `PromptStage` rendered it with the model
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from instructrag_ray.config import ConfigError, GenerationConfig, SynthesizeConfig, load_config, to_dict
+from instructrag_ray.config import ConfigError, SynthesizeConfig, load_config, to_dict
 from instructrag_ray.generate import Secret
 
 BASE = ["input=qa.jsonl", "output=out"]
