@@ -48,3 +48,40 @@ def add_columns(batch: pa.Table, rows: list[dict], new: dict[str, list]) -> pa.T
             schema = schema.append(field)
     merged = [{**row, **{name: values[i] for name, values in new.items()}} for i, row in enumerate(rows)]
     return pa.Table.from_pylist(merged, schema=schema)
+
+
+def select_rows(batch: pa.Table, skip_ref, duplicate_ref, keep_ref) -> pa.Table:
+    """Stage `select` of the synthesis and evaluation jobs: reads id, source, line. Drops rows past
+    `limit` (keep: the (source, line) positions to keep, None = all) and rows already done (skip: ids;
+    resume); marks all but the first row of a duplicated id as rejected (stage validate, duplicate_id).
+    duplicates maps the (source, line) of every extra copy to whether an earlier run already rejected it."""
+    skip, duplicates, keep = cached_get(skip_ref), cached_get(duplicate_ref), cached_get(keep_ref)
+    rows = []
+    for row in batch.to_pylist():
+        position = (row["source"], row["line"])
+        if keep is not None and position not in keep:
+            continue
+        if position in duplicates:
+            if duplicates[position]:  # this extra copy was rejected by an earlier run
+                continue
+            reject(row, "validate", "duplicate_id",
+                   f"id {row['id']} appears more than once in the input; the first occurrence was kept")
+        elif row["id"] in skip:
+            continue
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+_OBJECTS: dict = {}
+
+
+def cached_get(ref):
+    """ray.get once per worker process: the id sets can be large, so they travel by object ref."""
+    import ray
+
+    if ref is None:
+        return None
+    key = ref.hex()
+    if key not in _OBJECTS:
+        _OBJECTS[key] = ray.get(ref)
+    return _OBJECTS[key]

@@ -1,8 +1,10 @@
-"""Shared command-line handling for the jobs: --config FILE, shorthand flags, key=value overrides."""
+"""Shared start-up of the jobs: --config FILE, shorthand flags, key=value overrides; connecting to Ray."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from .config import ConfigError, describe, load_config
@@ -29,3 +31,18 @@ def parse_job_args(cls: type, description: str, shorthands: dict[str, str], argv
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def init_ray(address: str = "", cpus_needed: float = 0.0) -> None:
+    """Connect to `address` (or RAY_ADDRESS); else start a local Ray with this machine's CPUs, or at least
+    the logical CPUs the actor pools ask for (they then share the cores: an actor pool that cannot start
+    hangs the job). Nothing to do when Ray is already initialised (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), log_to_driver=True)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -48,11 +47,12 @@ import pyarrow.parquet as pq
 
 from . import prompts, read, schemas, write
 from .answers import has_answer
-from .batches import ok_rows, reject, require
+from .batches import cached_get, ok_rows, reject, require, select_rows
+from .cli import init_ray
 from .config import ICL_METHODS, EvaluateConfig, to_dict
 from .generate import GenerateStage
 from .metrics import compute_metrics, markdown_report, plot_report, score_prediction
-from .tiny_model import resolve_model
+from .tiny_model import ModelError, load_chat_tokenizer, resolve_model
 
 FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = "instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval"
 # Report order: the two InstructRAG methods first, then the baselines.
@@ -225,39 +225,6 @@ def select_demos(pool: list[dict], datasets: list[str], num: int, seed: int, mod
 
 # --- stages ------------------------------------------------------------------------------------------
 
-_OBJECTS: dict = {}
-
-
-def _cached_get(ref):
-    """ray.get once per worker process: id sets can be large, so they travel by object ref."""
-    import ray
-
-    if ref is None:
-        return None
-    key = ref.hex()
-    if key not in _OBJECTS:
-        _OBJECTS[key] = ray.get(ref)
-    return _OBJECTS[key]
-
-
-def select_rows(batch: pa.Table, keep_ref, duplicate_ref, finished_ref) -> pa.Table:
-    """Stage `select`: reads id, source, line. Drops rows past `limit` and rows every method has already
-    answered (resume); marks all but the first row of a duplicated id as rejected (validate, duplicate_id)."""
-    keep, duplicates, finished = _cached_get(keep_ref), _cached_get(duplicate_ref), _cached_get(finished_ref)
-    rows = []
-    for row in batch.to_pylist():
-        position = (row["source"], row["line"])
-        if keep is not None and position not in keep:
-            continue
-        if position in duplicates:
-            reject(row, "validate", "duplicate_id",
-                   f"id {row['id']} appears more than once in the input; the first occurrence was kept")
-        elif row["id"] in finished:
-            continue
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=batch.schema)
-
-
 def _field(column: str) -> pa.Field:
     return schemas.field("predictions", column).with_nullable(True).remove_metadata()
 
@@ -287,7 +254,7 @@ class PromptStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, "prompt", "id", "question", "dataset", "answers", "ctxs", "ctxs_source")
-        done = _cached_get(self.done_ref) or set()
+        done = cached_get(self.done_ref) or set()
         schema = batch.schema
         for name in PROMPT_COLUMNS:
             schema = schema.append(_field(name))
@@ -379,23 +346,13 @@ def check_model(key: str, model: str, weights: bool = True) -> str:
     """Fail early, naming the config key, when a model's config, tokenizer, chat template or (unless
     a server holds them: the openai engine) weights cannot be found; returns its local path
     (building the tiny model if asked for)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     try:
-        path = resolve_model(model)
-        AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise EvaluationError(f"{key}={model!r} could not be loaded ({type(e).__name__}: {first}); pass a local "
-                              "Hugging Face model directory (config, tokenizer and weights) or a hub name available "
-                              "offline") from None
+        path, _ = load_chat_tokenizer(key, model, config=True)
+    except ModelError as e:
+        raise EvaluationError(str(e)) from None
     if weights and Path(path).is_dir() and not any(any(Path(path).glob(p)) for p in ("*.safetensors", "*.bin", "*.pt")):
         raise EvaluationError(f"{key}={model!r} has a config and a tokenizer but no weights (*.safetensors or *.bin); "
                               "point it at the saved model directory (jobs/train.py writes <output>/model)")
-    if not tokenizer.chat_template:
-        raise EvaluationError(f"the tokenizer of {key}={model!r} has no chat template; use an instruction-tuned model "
-                              "(prompts are rendered with the model's own chat template)")
     return path
 
 
@@ -520,20 +477,6 @@ def prepare_output(output: str, fingerprints: dict[str, str], overwrite: bool) -
     return {key for key, fp in existing.items() if fingerprints.get(key[1]) == fp}
 
 
-def init_ray(address: str, cpus_needed: float) -> None:
-    """Connect to `address` (or RAY_ADDRESS); else start a local Ray with at least the logical CPUs the
-    actor pools ask for (they then share the cores: an actor pool that cannot start hangs the job)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), log_to_driver=True)
-
-
 def generate(ds, g, model: str, num_docs: int):
     """Stage `generate` for one model, exactly as synthesis wires it (transformers or openai engines in
     GenerateStage; vLLM's ray.data.llm chain in its place); adds rationale, completion_tokens,
@@ -618,8 +561,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
     ds = parsed.map_batches(
         select_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
+        # rejected/ is rebuilt by every run, so every extra copy of an id is rejected again (False).
         fn_kwargs={"keep_ref": ray.put(plan.keep) if plan.keep is not None else None,
-                   "duplicate_ref": ray.put(plan.duplicates), "finished_ref": ray.put(finished)})
+                   "duplicate_ref": ray.put(dict.fromkeys(plan.duplicates, False)), "skip_ref": ray.put(finished)})
     if retrieves and plan.need_retrieval:
         ds = ds.map_batches(
             RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .cli import init_ray
 from .config import BuildIndexConfig, to_dict
 
 REJECTED, MANIFEST = "rejected", "manifest.json"
@@ -137,13 +138,6 @@ def read_passages(batch: pa.Table, rows_per_table: int = READ_ROWS) -> Iterator[
             yield pa.Table.from_pylist(rows, schema=PASSAGE_SCHEMA)
 
 
-def _init_ray(address: str) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-
-
 def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
     """Load the corpus into cfg.es_index with parallel bulk writers (a Ray Data job).
 
@@ -169,7 +163,7 @@ def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
     log(f"{state} index {cfg.es_index} at {cl.url} (Elasticsearch {version}); loading {corpus} with "
         f"{cfg.es_writers} bulk writers")
     start_report(output)
-    _init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address)
     context = ray.data.DataContext.get_current()
     block_size = context.target_max_block_size
     # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.

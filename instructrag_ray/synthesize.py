@@ -22,11 +22,12 @@ import pyarrow as pa
 
 from . import prompts, read, write
 from .answers import has_answer
-from .batches import add_columns, ok_rows, reject, require
+from .batches import add_columns, ok_rows, reject, require, select_rows
+from .cli import init_ray
 from .config import SynthesizeConfig, parse_resources, to_dict
 from .generate import GenerateStage
 from .generate_vllm import vllm_generate
-from .tiny_model import resolve_model
+from .tiny_model import ModelError, load_chat_tokenizer, resolve_model
 
 # Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
 # (an actor pool that takes every CPU starves the read/map tasks and the job hangs silently).
@@ -38,41 +39,6 @@ def log(message: str) -> None:
 
 
 # --- stages ------------------------------------------------------------------------------------
-
-
-def select_rows(batch: pa.Table, skip_ref, duplicate_ref, keep_ref) -> pa.Table:
-    """Stage `select`: reads id, source, line. Drops rows past `limit` and rows already in the output
-    (resume); marks all but the first row of a duplicated id as rejected (stage validate, duplicate_id)."""
-    skip, duplicates, keep = _cached_get(skip_ref), _cached_get(duplicate_ref), _cached_get(keep_ref)
-    rows = []
-    for row in batch.to_pylist():
-        position = (row["source"], row["line"])
-        if keep is not None and position not in keep:
-            continue
-        if position in duplicates:
-            if duplicates[position]:  # this extra copy was rejected by an earlier run
-                continue
-            reject(row, "validate", "duplicate_id",
-                   f"id {row['id']} appears more than once in the input; the first occurrence was kept")
-        elif row["id"] in skip:
-            continue
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=batch.schema)
-
-
-_OBJECTS: dict = {}
-
-
-def _cached_get(ref):
-    """ray.get once per worker process: the id sets can be large, so they travel by object ref."""
-    import ray
-
-    if ref is None:
-        return None
-    key = ref.hex()
-    if key not in _OBJECTS:
-        _OBJECTS[key] = ray.get(ref)
-    return _OBJECTS[key]
 
 
 class RetrieveStage:
@@ -208,15 +174,6 @@ def custom_resources(spec: str) -> dict:
     return {"resources": resources} if resources else {}
 
 
-def init_ray(address: str = "") -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    ray.init(address=address or None, log_to_driver=True)
-
-
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
     """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json)."""
     import ray
@@ -304,18 +261,10 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
 
 
 def _check_model(model: str) -> None:
-    from transformers import AutoTokenizer
-
     try:
-        path = resolve_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
-        raise SystemExit(f"error: generation.model={model!r} could not be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); pass a local Hugging Face model directory, "
-                         "a hub name available offline, or 'tiny'") from None
-    if not tokenizer.chat_template:
-        raise SystemExit(f"error: the tokenizer of {model!r} has no chat template; use an instruction-tuned "
-                         "model (prompts are rendered with the model's own chat template)")
+        load_chat_tokenizer("generation.model", model)
+    except ModelError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _follow(stats, todo: int, interval: float) -> dict:

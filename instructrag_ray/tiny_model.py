@@ -117,6 +117,31 @@ def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     return name
 
 
+class ModelError(ValueError):
+    """A model that cannot be used: the message is one line naming the config key and the fix."""
+
+
+def load_chat_tokenizer(key: str, model: str, *, config: bool = False):
+    """Resolve `model` (building the tiny model if asked for) and load its tokenizer (and its config, with
+    config=True), failing in one line, naming the config key, when either does not load or the tokenizer
+    has no chat template. Returns (local path or hub name, tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        path = resolve_model(model)
+        if config:
+            AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ModelError(f"{key}={model!r} could not be loaded ({type(e).__name__}: {first}); pass a local Hugging "
+                         f"Face model directory, a hub name available offline, or '{TINY_MODEL}'") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {key}={model!r} has no chat template; use an instruction-tuned model "
+                         "(prompts are rendered with the model's own chat template)")
+    return path, tokenizer
+
+
 def _build(out_dir: Path) -> None:
     """Write tokenizer, model weights, config and generation config into `out_dir`."""
     # Imported here: importing the package must stay fast, and only builders need these.

@@ -55,7 +55,7 @@ import pyarrow as pa
 
 from . import prompts
 from .config import TrainConfig, parse_resources, to_dict
-from .tiny_model import resolve_model
+from .tiny_model import ModelError, load_chat_tokenizer, resolve_model
 
 IGNORE_INDEX = -100
 CHECKPOINTS, MODEL, METRICS, REJECTED, RUN, MANIFEST = (
@@ -752,17 +752,10 @@ def resolve_num_docs(path: str, num_docs: int) -> int:
 
 def check_model(model: str) -> str:
     """Fail early, in one line, when the model cannot be loaded or its chat template cannot mark targets."""
-    from transformers import AutoTokenizer
-
     try:
-        path = resolve_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
-        raise SystemExit(f"error: model={model!r} could not be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); pass a local Hugging Face model directory, "
-                         "a hub name available offline, or 'tiny'") from None
-    if not tokenizer.chat_template:
-        raise SystemExit(f"error: the tokenizer of {model!r} has no chat template; use an instruction-tuned model")
+        path, tokenizer = load_chat_tokenizer("model", model)
+    except ModelError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         ft_texts(tokenizer, "probe?", [{"title": "t", "text": "x", "score": 1.0}], "rationale")
     except TemplateError as e:
@@ -841,7 +834,8 @@ def run_training(cfg: TrainConfig, *, fail_at_step: int = 0) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .synthesize import init_ray, package_versions
+    from .cli import init_ray
+    from .synthesize import package_versions
 
     started = time.time()
     fingerprint = cfg.fingerprint()
