@@ -33,10 +33,11 @@ def parse_job_args(cls: type, description: str, shorthands: dict[str, str], argv
         raise SystemExit(2) from None
 
 
-def init_ray(address: str = "", cpus_needed: float = 0.0) -> None:
-    """Connect to `address` (or RAY_ADDRESS); else start a local Ray with this machine's CPUs, or at least
-    the logical CPUs the actor pools ask for (they then share the cores: an actor pool that cannot start
-    hangs the job). Nothing to do when Ray is already initialised (tests, notebooks)."""
+def init_ray(address: str = "", cpus_needed: float | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS); else start a local Ray: with Ray's own CPU count, or, when
+    `cpus_needed` is given, with at least the logical CPUs the actor pools ask for (they then share the
+    cores: an actor pool that cannot start hangs the job). Nothing to do when Ray is already initialised
+    (tests, notebooks)."""
     import ray
 
     if ray.is_initialized():
@@ -44,5 +45,7 @@ def init_ray(address: str = "", cpus_needed: float = 0.0) -> None:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
+    elif cpus_needed is None:
+        ray.init(log_to_driver=True)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), log_to_driver=True)
