@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from . import prompts, read, schemas, write
 from .answers import has_answer
-from .batches import cached_get, ok_rows, reject, require, select_rows
+from .batches import cached_get, follow, ok_rows, reject, require, select_rows
 from .cli import init_ray
 from .config import ICL_METHODS, EvaluateConfig, to_dict
 from .generate import GenerateStage
@@ -651,23 +651,14 @@ def _rejected_by_method(reasons: dict[str, int]) -> dict[str, dict[str, int]]:
 
 def _follow(stats, todo: int, interval: float) -> dict:
     """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
-    run = {"written": 0, "rejected": 0, "correct": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    reasons: Counter = Counter()
-    start = last = time.time()
-    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            for key in run:
-                run[key] += row[key]
-            reasons.update(json.loads(row["reasons"]))
-        now = time.time()
-        if now - last >= interval:
-            last = now
-            rate = run["written"] / (now - start)
-            eta = f", ETA {(todo - run['written']) / rate:.0f}s" if rate and todo > run["written"] else ""
-            log(f"{run['written']}/{todo} predictions, {run['rejected']} rejected, {rate:.2f} predictions/s, "
-                f"{run['completion_tokens'] / (now - start):.1f} tokens/s{eta}")
-    run["reject_reasons"] = dict(sorted(reasons.items()))
-    return run
+    def progress(run: dict, elapsed: float) -> None:
+        rate = run["written"] / elapsed
+        eta = f", ETA {(todo - run['written']) / rate:.0f}s" if rate and todo > run["written"] else ""
+        log(f"{run['written']}/{todo} predictions, {run['rejected']} rejected, {rate:.2f} predictions/s, "
+            f"{run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
+
+    return follow(stats, ("written", "rejected", "correct", "prompt_tokens", "completion_tokens"), interval,
+                  progress)
 
 
 def _summary(m: dict, metrics: dict) -> None:

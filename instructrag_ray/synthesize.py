@@ -9,12 +9,10 @@ Every stage is a function or a callable class taking and returning a pyarrow bat
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,7 +20,7 @@ import pyarrow as pa
 
 from . import prompts, read, write
 from .answers import has_answer
-from .batches import add_columns, ok_rows, reject, require, select_rows
+from .batches import add_columns, follow, ok_rows, reject, require, select_rows
 from .cli import init_ray
 from .config import SynthesizeConfig, parse_resources, to_dict
 from .generate import GenerateStage
@@ -269,24 +267,15 @@ def _check_model(model: str) -> None:
 
 def _follow(stats, todo: int, interval: float) -> dict:
     """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
-    run = {"written": 0, "rejected": 0, "consistent": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    reasons: Counter = Counter()
-    start = last = time.time()
-    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            for key in run:
-                run[key] += row[key]
-            reasons.update(json.loads(row["reasons"]))
-        now = time.time()
-        if now - last >= interval:
-            last = now
-            done = run["written"] + run["rejected"]
-            rate = done / (now - start)
-            eta = f", ETA {(todo - done) / rate:.0f}s" if rate and todo > done else ""
-            log(f"{done}/{todo} rows ({run['written']} written, {run['rejected']} rejected), "
-                f"{rate:.2f} rows/s, {run['completion_tokens'] / (now - start):.1f} tokens/s{eta}")
-    run["reject_reasons"] = dict(sorted(reasons.items()))
-    return run
+    def progress(run: dict, elapsed: float) -> None:
+        done = run["written"] + run["rejected"]
+        rate = done / elapsed
+        eta = f", ETA {(todo - done) / rate:.0f}s" if rate and todo > done else ""
+        log(f"{done}/{todo} rows ({run['written']} written, {run['rejected']} rejected), "
+            f"{rate:.2f} rows/s, {run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
+
+    return follow(stats, ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens"), interval,
+                  progress)
 
 
 def _summary(m: dict) -> None:
