@@ -22,7 +22,7 @@ venv: $(BIN)/.installed
 
 # The main job on its embedded default: synthetic world -> tantivy BM25 index -> rationales (tiny model).
 demo: venv
-	$(BIN)/python -m instructrag_ray.synthetic $(DEMO)/world
+	$(BIN)/python -m instructrag_ray.testing.synthetic $(DEMO)/world
 	$(BIN)/python jobs/build_index.py --corpus $(DEMO)/world/corpus.jsonl --index $(DEMO)/index overwrite=true
 	$(BIN)/python jobs/synthesize.py --config configs/demo.yaml --input $(DEMO)/world/qa.jsonl \
 		--output $(DEMO)/synthesis retrieval.index_path=$(DEMO)/index

@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 import ray_namespace  # noqa: E402
 
-from instructrag_ray.retrieve import build_tantivy_index, read_corpus  # noqa: E402
-from instructrag_ray.synthetic import write_world  # noqa: E402
-from instructrag_ray.tiny_model import ensure_tiny_model  # noqa: E402
+from instructrag_ray.retrieval.corpus import read_corpus
+from instructrag_ray.retrieval.tantivy_index import build_tantivy_index  # noqa: E402
+from instructrag_ray.testing.synthetic import write_world  # noqa: E402
+from instructrag_ray.testing.tiny_model import ensure_tiny_model  # noqa: E402
 
 
 def main() -> None:

@@ -7,13 +7,13 @@ Run by hand (not a test; prints tables):
         # a real cluster (credentials from ES_API_KEY, or ES_USERNAME/ES_PASSWORD); it creates and
         # deletes indexes named instructrag-bench-*
 
-Measures, on the synthetic world (instructrag_ray.synthetic):
+Measures, on the synthetic world (instructrag_ray.testing.synthetic):
 1. queries/s of `ElasticsearchRetriever.batch_search` (one msearch per batch of --batch questions,
    at max_concurrent_searches 1 and 8) and of `search` called once per question, side by side (the
    three take turns in every pass): the questions on the world's passages and on a 20-passage index,
    and one term per question on the 20-passage index (there the per-request cost dominates: HTTP
    round trip, JSON, the client);
-2. documents/s of `elastic.bulk_index` (one client, no Ray) by bulk request size in documents, and
+2. documents/s of `es_bulk.bulk_index` (one client, no Ray) by bulk request size in documents, and
    the bytes per request that makes.
 
 noida-db is an emulator: read its numbers for what they are (see the closing note it prints).
@@ -39,9 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
-from instructrag_ray import elastic  # noqa: E402
-from instructrag_ray.retrieve import analyze  # noqa: E402
-from instructrag_ray.synthetic import generate_world  # noqa: E402
+from instructrag_ray.retrieval.elastic import bulk as es_bulk  # noqa: E402
+from instructrag_ray.retrieval.elastic import client as es_client  # noqa: E402
+from instructrag_ray.retrieval.elastic import index as es_index  # noqa: E402
+from instructrag_ray.retrieval.elastic import search as es_search  # noqa: E402
+from instructrag_ray.retrieval.base import analyze  # noqa: E402
+from instructrag_ray.testing.synthetic import generate_world  # noqa: E402
 
 PREFIX = "instructrag-bench-"
 
@@ -69,12 +72,12 @@ def start_noida(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 def load(cl, client, index: str, passages: list[dict], max_docs: int = 500) -> float:
     """(Re)create `index` and bulk-load `passages`; returns documents/s of the load (refresh excluded)."""
-    elastic.prepare_index(client, cl, index, elastic.index_definition(), overwrite=True)
+    es_index.prepare_index(client, cl, index, es_index.index_definition(), overwrite=True)
     t0 = time.perf_counter()
-    stats = elastic.bulk_index(client, cl, index, passages, max_docs=max_docs, max_bytes=50_000_000)
+    stats = es_bulk.bulk_index(client, cl, index, passages, max_docs=max_docs, max_bytes=50_000_000)
     took = time.perf_counter() - t0
     assert stats.indexed == len(passages) and not stats.rejected, stats
-    assert elastic.finish_index(client, cl, index, expected=len(passages), replicas=0, refresh_interval="1s")["ok"]
+    assert es_index.finish_index(client, cl, index, expected=len(passages), replicas=0, refresh_interval="1s")["ok"]
     return len(passages) / took, stats.bytes / max(stats.requests, 1)
 
 
@@ -109,11 +112,11 @@ def main(argv=None) -> None:
         url = args.url
         if not url:
             proc, url = start_noida(tmp / "noida")
-        cl = elastic.cluster(url, ca_certs=args.ca_certs, request_timeout_s=300, max_retries=3)
-        client, info = elastic.connect(cl)
+        cl = es_client.cluster(url, ca_certs=args.ca_certs, request_timeout_s=300, max_retries=3)
+        client, info = es_client.connect(cl)
         version = info["version"]["number"]
         print(f"server: {url} reports Elasticsearch {version}{' (noida-db emulator)' if proc else ''}; "
-              f"client elasticsearch-py {elastic._client_version()}; {os.cpu_count()} CPUs")
+              f"client elasticsearch-py {es_client.client_version()}; {os.cpu_count()} CPUs")
 
         world = generate_world(seed=0, n_people=args.people, n_questions=args.questions)
         passages = [{"id": p["id"], "title": p["title"], "text": p["text"]} for p in world.passages]
@@ -130,8 +133,8 @@ def main(argv=None) -> None:
         for name, queries, kind in cases:
             index, docs = f"{PREFIX}{name}", indexes[f"{PREFIX}{name}"]
             batches = [queries[i:i + args.batch] for i in range(0, len(queries), args.batch)]
-            single = elastic.ElasticsearchRetriever(cl, index)
-            batched = {m: elastic.ElasticsearchRetriever(cl, index, max_concurrent_searches=m) for m in (1, 8)}
+            single = es_search.ElasticsearchRetriever(cl, index)
+            batched = {m: es_search.ElasticsearchRetriever(cl, index, max_concurrent_searches=m) for m in (1, 8)}
             expected = [single.search(q, args.k) for q in queries]
             for r in batched.values():
                 assert [h for b in batches for h in r.batch_search(b, args.k)] == expected, "msearch and search disagree"

@@ -32,12 +32,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pyarrow.parquet as pq  # noqa: E402
 
 from instructrag_ray.config import SynthesizeConfig, load_config  # noqa: E402
-from instructrag_ray.generate import TransformersEngine  # noqa: E402
-from instructrag_ray.generate_openai import OpenAIEngine  # noqa: E402
-from instructrag_ray.retrieve import build_tantivy_index, read_corpus  # noqa: E402
+from instructrag_ray.generation.transformers_engine import TransformersEngine  # noqa: E402
+from instructrag_ray.generation.openai_engine import OpenAIEngine  # noqa: E402
+from instructrag_ray.retrieval.corpus import read_corpus
+from instructrag_ray.retrieval.tantivy_index import build_tantivy_index  # noqa: E402
 from instructrag_ray.synthesize import run_synthesis  # noqa: E402
-from instructrag_ray.synthetic import write_world  # noqa: E402
-from instructrag_ray.tiny_model import ensure_tiny_model  # noqa: E402
+from instructrag_ray.testing.synthetic import write_world  # noqa: E402
+from instructrag_ray.testing.tiny_model import ensure_tiny_model  # noqa: E402
 from local_server import LocalServer  # noqa: E402
 
 SERVERS = {"openai, serve sequential": False, "openai, serve continuous batching": True}

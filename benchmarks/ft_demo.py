@@ -61,9 +61,10 @@ def prepare_rationales(out: Path, seed: int, people: int, questions: int, num_do
     """World, index and template rationales (K = num_docs) on the train split, keeping only questions
     about `relations` (None: all); reused when already there."""
     from instructrag_ray.config import SynthesizeConfig, load_config
-    from instructrag_ray.retrieve import build_tantivy_index, read_corpus
+    from instructrag_ray.retrieval.corpus import read_corpus
+    from instructrag_ray.retrieval.tantivy_index import build_tantivy_index
     from instructrag_ray.synthesize import run_synthesis
-    from instructrag_ray.synthetic import write_world
+    from instructrag_ray.testing.synthetic import write_world
 
     world = write_world(out / "world", seed=seed, n_people=people, n_questions=questions)
     if relations:
@@ -91,9 +92,9 @@ def accuracy(model: str, rows: list[dict], index: Path, fields: str, num_docs: i
 
     from instructrag_ray import prompts
     from instructrag_ray.answers import has_answer
-    from instructrag_ray.generate import TransformersEngine
-    from instructrag_ray.retrieve import TantivyRetriever
-    from instructrag_ray.tiny_model import resolve_model
+    from instructrag_ray.generation.transformers_engine import TransformersEngine
+    from instructrag_ray.retrieval.tantivy_index import TantivyRetriever
+    from instructrag_ray.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     hits = TantivyRetriever(index, fields=fields).batch_search([r["question"] for r in rows], num_docs)
@@ -133,7 +134,7 @@ def reference_points(train: list[dict], test: list[dict], index: Path, fields: s
     `majority_answer`, answering every question with its relation's most frequent training answer (what
     guessing without reading reaches)."""
     from instructrag_ray.answers import has_answer
-    from instructrag_ray.retrieve import TantivyRetriever
+    from instructrag_ray.retrieval.tantivy_index import TantivyRetriever
 
     hits = TantivyRetriever(index, fields=fields).batch_search([r["question"] for r in test], num_docs)
     shown = [" ".join(f"{h.title} {h.text}" for h in found) for found in hits]
@@ -175,7 +176,7 @@ def main(argv=None) -> None:
     import ray
 
     from instructrag_ray.config import TrainConfig, load_config
-    from instructrag_ray.train import resolve_num_docs, run_training
+    from instructrag_ray.sft.job import resolve_num_docs, run_training
 
     out = Path(args.out).resolve()
     started = time.time()

@@ -33,7 +33,7 @@ def build_small_model(out: Path, hidden: int, layers: int) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from instructrag_ray.tiny_model import ensure_tiny_model
+    from instructrag_ray.testing.tiny_model import ensure_tiny_model
 
     if (out / "config.json").exists():
         return str(out)
@@ -77,9 +77,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (and pip install -e '.[vllm]'); see benchmarks/engines.py for CPU")
     from instructrag_ray.config import SynthesizeConfig, load_config
-    from instructrag_ray.retrieve import build_tantivy_index, read_corpus
+    from instructrag_ray.retrieval.corpus import read_corpus
+    from instructrag_ray.retrieval.tantivy_index import build_tantivy_index
     from instructrag_ray.synthesize import run_synthesis
-    from instructrag_ray.synthetic import write_world
+    from instructrag_ray.testing.synthetic import write_world
 
     cache = Path(os.environ.get("INSTRUCTRAG_CACHE", "~/.cache/instructrag-ray")).expanduser()
     model = args.model or build_small_model(cache / f"small-llama-h{args.hidden}-l{args.layers}", args.hidden,

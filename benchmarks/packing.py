@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from ft_demo import prepare_rationales
 
     from instructrag_ray.config import TrainConfig, load_config
-    from instructrag_ray.train import read_metrics, run_training
+    from instructrag_ray.sft.job import read_metrics, run_training
 
     out = Path(args.out).resolve()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)

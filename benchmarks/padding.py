@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instructrag_ray import prompts  # noqa: E402
-from instructrag_ray.generate import TransformersEngine  # noqa: E402
-from instructrag_ray.retrieve import TantivyRetriever, build_tantivy_index  # noqa: E402
-from instructrag_ray.synthetic import generate_world  # noqa: E402
-from instructrag_ray.tiny_model import resolve_model  # noqa: E402
+from instructrag_ray.generation.transformers_engine import TransformersEngine  # noqa: E402
+from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index  # noqa: E402
+from instructrag_ray.testing.synthetic import generate_world  # noqa: E402
+from instructrag_ray.models import resolve_model  # noqa: E402
 
 
 def main() -> None:

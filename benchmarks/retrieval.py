@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from instructrag_ray.retrieve import TantivyRetriever, build_tantivy_index  # noqa: E402
+from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index  # noqa: E402
 
 FIELD_SETTINGS = ["title,text", "text", "title^0.5,text", "title^2,text"]
 
@@ -48,7 +48,7 @@ class Dataset:
 
 
 def synthetic(seed: int, people: int, questions: int) -> Dataset:
-    from instructrag_ray.synthetic import generate_world
+    from instructrag_ray.testing.synthetic import generate_world
 
     world = generate_world(seed=seed, n_people=people, n_questions=questions)
     return Dataset("synthetic", f"generate_world(seed={seed}, n_people={people}, n_questions={questions})",

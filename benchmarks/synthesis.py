@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from instructrag_ray.config import SynthesizeConfig, load_config  # noqa: E402
-from instructrag_ray.retrieve import build_tantivy_index, read_corpus  # noqa: E402
+from instructrag_ray.retrieval.corpus import read_corpus
+from instructrag_ray.retrieval.tantivy_index import build_tantivy_index  # noqa: E402
 from instructrag_ray.synthesize import run_synthesis  # noqa: E402
-from instructrag_ray.synthetic import write_world  # noqa: E402
+from instructrag_ray.testing.synthetic import write_world  # noqa: E402
 
 
 def main() -> None:

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .tiny_model import TINY_MODEL
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the field and what is allowed."""
+# The project's own tiny random model (instructrag_ray/testing/tiny_model.py), built locally on first use.
+TINY_MODEL = "tiny"
 
 
 def choice(default: str, *choices: str, doc: str = "") -> Any:
@@ -41,7 +40,23 @@ def secret(doc: str = "") -> Any:
 
 
 @dataclass
-class RetrievalConfig:
+class ElasticsearchConnection:
+    """How to reach an Elasticsearch cluster: declared once, shared by the build job (keys es_*) and the
+    retrieval of synthesis and evaluation (keys retrieval.es_*)."""
+
+    es_url: str = opt("http://localhost:9200", "Elasticsearch: cluster URL, https:// for TLS, several nodes comma-separated; no credentials in it")
+    es_api_key: str = secret("Elasticsearch: API key (its base64 'encoded' form); default: the ES_API_KEY environment variable; '***' in manifests")
+    es_username: str = opt("", "Elasticsearch: basic-auth user; default: ES_USERNAME (an API key wins over basic auth)")
+    es_password: str = secret("Elasticsearch: basic-auth password; default: ES_PASSWORD; '***' in manifests")
+    es_ca_certs: str = opt("", "Elasticsearch: CA certificate (PEM) that signed the cluster's TLS certificate; default: the system's CAs")
+    es_verify_certs: bool = opt(True, "Elasticsearch: verify the cluster's TLS certificate (turn off only for a throwaway test cluster)")
+    es_request_timeout_s: float = opt(60.0, "Elasticsearch: seconds before one request (an msearch or a bulk request) times out", minimum=0.1)
+    es_max_retries: int = opt(5, "Elasticsearch: retries after a connection error, a timeout, 429 or 502/503/504; then the job stops (a rerun resumes)", minimum=0)
+    es_retry_backoff_s: float = opt(1.0, "Elasticsearch: wait before the first retry; it doubles each retry (with jitter), up to 30 s", minimum=0)
+
+
+@dataclass
+class RetrievalConfig(ElasticsearchConnection):
     backend: str = choice("tantivy", "tantivy", "elasticsearch",
                           doc="tantivy: the embedded BM25 index at index_path; elasticsearch: the index es_index on the cluster at es_url")
     index_path: str = opt("", "directory of the tantivy index (jobs/build_index.py builds it); must be readable on every node")
@@ -52,44 +67,20 @@ class RetrievalConfig:
     min_actors: int = opt(1, "retrieval actor pool: minimum size", minimum=1)
     max_actors: int = opt(1, "retrieval actor pool: maximum size (the pool autoscales between the two)", minimum=1)
     resources: str = opt("", "custom Ray resources per retrieval actor, 'name:amount,...'")
-    es_url: str = opt("http://localhost:9200", "Elasticsearch: cluster URL, https:// for TLS, several nodes comma-separated; no credentials in it")
     es_index: str = opt("", "Elasticsearch: the index or alias to search (jobs/build_index.py backend=elasticsearch builds one)")
-    es_api_key: str = secret("Elasticsearch: API key (its base64 'encoded' form); default: the ES_API_KEY environment variable; '***' in manifests")
-    es_username: str = opt("", "Elasticsearch: basic-auth user; default: ES_USERNAME (an API key wins over basic auth)")
-    es_password: str = secret("Elasticsearch: basic-auth password; default: ES_PASSWORD; '***' in manifests")
-    es_ca_certs: str = opt("", "Elasticsearch: CA certificate (PEM) that signed the cluster's TLS certificate; default: the system's CAs")
-    es_verify_certs: bool = opt(True, "Elasticsearch: verify the cluster's TLS certificate (turn off only for a throwaway test cluster)")
-    es_request_timeout_s: float = opt(30.0, "Elasticsearch: seconds before one request (a batch's msearch) times out", minimum=0.1)
-    es_max_retries: int = opt(5, "Elasticsearch: retries after a connection error, a timeout, 429 or 502/503/504; then the job stops (a rerun resumes)", minimum=0)
-    es_retry_backoff_s: float = opt(1.0, "Elasticsearch: wait before the first retry; it doubles each retry (with jitter), up to 30 s", minimum=0)
     es_max_concurrent_searches: int = opt(8, "Elasticsearch: searches of one msearch that the cluster runs at once (per retrieval actor)", minimum=1)
     es_search_type: str = choice(
         "query_then_fetch", "query_then_fetch", "dfs_query_then_fetch",
         doc="Elasticsearch: query_then_fetch scores with each shard's term statistics (fine for large, evenly filled shards); dfs_query_then_fetch first gathers global statistics (exact BM25 across shards, one more round trip)")
 
-    def es_cluster(self):
-        """The Elasticsearch connection settings (credentials from here, else the environment).
-        Raises elastic.ClusterError naming the key to fix."""
-        from .elastic import cluster
-
-        return cluster(self.es_url, api_key=self.es_api_key, username=self.es_username, password=self.es_password,
-                       ca_certs=self.es_ca_certs, verify_certs=self.es_verify_certs,
-                       request_timeout_s=self.es_request_timeout_s, max_retries=self.es_max_retries,
-                       retry_backoff_s=self.es_retry_backoff_s, keys="retrieval.es_")
-
-    def retriever_options(self) -> dict:
-        """Keyword arguments of retrieve.make_retriever for the chosen backend (plain values)."""
-        options = {"backend": self.backend, "index_path": self.index_path, "fields": self.fields}
-        if self.backend == "elasticsearch":
-            options.update(es_cluster=self.es_cluster(), es_index=self.es_index,
-                           es_max_concurrent_searches=self.es_max_concurrent_searches,
-                           es_search_type=self.es_search_type)
-        return options
+    def validate(self) -> None:
+        check_pool("retrieval", self.min_actors, self.max_actors)
+        parse_resources(self.resources, "retrieval.resources")
 
 
 @dataclass
 class PromptConfig:
-    num_docs: int = opt(5, "K: documents shown in the prompt (paper: 5; 10 for 2WikiMultiHopQA)", minimum=0)
+    num_docs: int = opt(5, "K: documents shown in the prompt (paper: 5; 10 for 2WikiMultiHopQA)", minimum=1)
     num_cpus: float = opt(0.25, "CPUs per prompt-rendering actor (tokenizer on CPU)", minimum=0)
     max_actors: int = opt(1, "prompt-rendering actor pool: maximum size", minimum=1)
 
@@ -146,38 +137,8 @@ class GenerationConfig:
             raise ConfigError(f"config key 'generation.top_p' is {self.top_p!r}; it must be in (0, 1]")
         if self.gpu_memory_utilization > 1:
             raise ConfigError(f"config key 'generation.gpu_memory_utilization' is {self.gpu_memory_utilization!r}; it must be <= 1")
-
-    def engine_options(self, model: str | None = None) -> dict:
-        """Keyword arguments of generate.GenerateStage / make_engine (plus num_docs) for the chosen engine.
-        For openai the API key is read here, on the driver, from the variable api_key_env names and passed
-        as a Secret (it never shows in a repr); an actor whose own environment has it uses that."""
-        options = {"engine": self.engine, "model": model or self.model, "max_new_tokens": self.max_new_tokens,
-                   "temperature": self.temperature, "top_p": self.top_p, "dtype": self.dtype,
-                   "micro_batch_size": self.micro_batch_size, "sort_by_length": self.sort_by_length,
-                   "use_gpu": self.num_gpus > 0, "seed": self.seed}
-        if self.engine == "openai":
-            from .generate import read_api_key
-
-            options["openai"] = {
-                "base_url": self.base_url, "served_model": self.served_model,
-                "api_key": read_api_key(self.api_key_env), "api_key_env": self.api_key_env,
-                # the cap is for the whole job: each of the (at most) max_actors actors takes an equal share
-                "max_requests_per_s": self.max_requests_per_s / self.max_actors,
-                "request_timeout_s": self.request_timeout_s, "max_retries": self.max_retries,
-                "retry_backoff_s": self.retry_backoff_s, "concurrency": self.concurrency,
-                "max_consecutive_failures": self.max_consecutive_failures,
-                "send_stop_token_ids": self.send_stop_token_ids,
-            }
-        return options
-
-    def vllm_options(self, model: str | None = None) -> dict:
-        """Keyword arguments of generate_vllm.vllm_generate."""
-        return {"model": model or self.model, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "max_model_len": self.max_model_len, "dtype": self.dtype,
-                "batch_size": self.batch_size, "min_actors": self.min_actors, "max_actors": self.max_actors,
-                "tensor_parallel_size": self.tensor_parallel_size,
-                "pipeline_parallel_size": self.pipeline_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "max_num_seqs": self.max_num_seqs}
+        check_pool("generation", self.min_actors, self.max_actors)
+        parse_resources(self.resources, "generation.resources")
 
 
 @dataclass
@@ -199,45 +160,26 @@ class SynthesizeConfig:
         if not self.output:
             raise ConfigError("output is required: pass --output DIR")
         self.generation.validate()
-        if self.generation.max_actors < self.generation.min_actors:
-            raise ConfigError("generation.max_actors must be >= generation.min_actors")
-        if self.retrieval.max_actors < self.retrieval.min_actors:
-            raise ConfigError("retrieval.max_actors must be >= retrieval.min_actors")
-        parse_resources(self.generation.resources, "generation.resources")
-        parse_resources(self.retrieval.resources, "retrieval.resources")
-        if self.prompt.num_docs > self.retrieval.top_k:
-            raise ConfigError(
-                f"prompt.num_docs ({self.prompt.num_docs}) is larger than retrieval.top_k ({self.retrieval.top_k}); "
-                "raise retrieval.top_k or lower prompt.num_docs"
-            )
+        self.retrieval.validate()
+        check_docs(self.prompt.num_docs, self.retrieval.top_k)
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that shapes a rationale; batch sizes and actor counts are left out."""
-        g, r = self.generation, self.retrieval
-        shaping = {
-            "prompt": {"num_docs": self.prompt.num_docs},
-            "retrieval": {"backend": r.backend, "index_path": r.index_path, "top_k": r.top_k, "fields": r.fields,
-                          # only for elasticsearch, so fingerprints of tantivy runs stay as they were
-                          **({"es_index": r.es_index} if r.backend == "elasticsearch" else {})},
-            "generation": {
-                "engine": g.engine, "model": g.model, "max_new_tokens": g.max_new_tokens,
-                "max_model_len": g.max_model_len, "temperature": g.temperature, "top_p": g.top_p,
-                "seed": g.seed if g.temperature > 0 else None,
-                # Added only for openai, so the fingerprints of existing outputs of other engines stay the same.
-                # The API key is never part of it; retries, rates and timeouts do not shape a rationale.
-                **({"base_url": g.base_url, "served_model": g.served_model or g.model,
-                    "send_stop_token_ids": g.send_stop_token_ids} if g.engine == "openai" else {}),
-            },
-            "dataset": self.dataset,
-        }
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    def shaping(self, index_fingerprint: str = "") -> dict:
+        """Every setting that shapes a rationale (batch sizes, actor counts, timeouts are left out)."""
+        return {"prompt": {"num_docs": self.prompt.num_docs},
+                "retrieval": retrieval_shaping(self.retrieval, index_fingerprint),
+                "generation": generation_shaping(self.generation, self.generation.model),
+                "dataset": self.dataset}
+
+    def fingerprint(self, index_fingerprint: str = "") -> str:
+        """A resume must match it: rows written under another fingerprint are another kind of rationale."""
+        return fingerprint(self.shaping(index_fingerprint))
 
 
 # --- index building --------------------------------------------------------------------------------
 
 
 @dataclass
-class BuildIndexConfig:
+class BuildIndexConfig(ElasticsearchConnection):
     corpus: str = opt("", "passages: .jsonl/.parquet with id, title, text; DPR psgs_w100.tsv; FlashRAG {id, contents}; or a directory")
     backend: str = choice("tantivy", "tantivy", "elasticsearch",
                           doc="tantivy: an embedded index directory at `index`; elasticsearch: the index es_index on the cluster at es_url, loaded by a Ray Data job with parallel bulk writers")
@@ -247,16 +189,7 @@ class BuildIndexConfig:
     heap_mb: int = opt(256, "tantivy writer memory in MB", minimum=16)
     ray_address: str = opt("", "elasticsearch: Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
     progress_interval_s: float = opt(10.0, "elasticsearch: seconds between progress lines", minimum=0)
-    es_url: str = opt("http://localhost:9200", "Elasticsearch: cluster URL, https:// for TLS, several nodes comma-separated; no credentials in it")
     es_index: str = opt("", "Elasticsearch: the index to create or load (a concrete name, not an alias)")
-    es_api_key: str = secret("Elasticsearch: API key (its base64 'encoded' form); default: the ES_API_KEY environment variable; '***' in manifests")
-    es_username: str = opt("", "Elasticsearch: basic-auth user; default: ES_USERNAME (an API key wins over basic auth)")
-    es_password: str = secret("Elasticsearch: basic-auth password; default: ES_PASSWORD; '***' in manifests")
-    es_ca_certs: str = opt("", "Elasticsearch: CA certificate (PEM) that signed the cluster's TLS certificate; default: the system's CAs")
-    es_verify_certs: bool = opt(True, "Elasticsearch: verify the cluster's TLS certificate (turn off only for a throwaway test cluster)")
-    es_request_timeout_s: float = opt(60.0, "Elasticsearch: seconds before one request (a bulk request) times out", minimum=0.1)
-    es_max_retries: int = opt(5, "Elasticsearch: retries after a connection error, a timeout, 429 or 502/503/504; then the load stops (a rerun resumes)", minimum=0)
-    es_retry_backoff_s: float = opt(1.0, "Elasticsearch: wait before the first retry; it doubles each retry (with jitter), up to 30 s", minimum=0)
     es_shards: int = opt(1, "Elasticsearch: primary shards of a new index (one shard keeps BM25 statistics global)", minimum=1)
     es_replicas: int = opt(1, "Elasticsearch: replicas after the load (the load itself runs with none)", minimum=0)
     es_refresh_interval: str = opt("1s", "Elasticsearch: refresh interval after the load (the load itself runs with refresh off)")
@@ -282,16 +215,6 @@ class BuildIndexConfig:
                                   "rejected/ and manifest.json)")
             if self.es_bm25_b > 1:
                 raise ConfigError(f"config key 'es_bm25_b' is {self.es_bm25_b}; it must be between 0 and 1")
-
-    def es_cluster(self):
-        """The Elasticsearch connection settings (credentials from here, else the environment).
-        Raises elastic.ClusterError naming the key to fix."""
-        from .elastic import cluster
-
-        return cluster(self.es_url, api_key=self.es_api_key, username=self.es_username, password=self.es_password,
-                       ca_certs=self.es_ca_certs, verify_certs=self.es_verify_certs,
-                       request_timeout_s=self.es_request_timeout_s, max_retries=self.es_max_retries,
-                       retry_backoff_s=self.es_retry_backoff_s, keys="es_")
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -362,17 +285,16 @@ class EvaluateConfig:
         if not 0 < self.metrics.confidence < 1:
             raise ConfigError(f"config key 'metrics.confidence' is {self.metrics.confidence!r}; it must be between 0 and 1")
         self.generation.validate()
-        parse_resources(self.generation.resources, "generation.resources")
-        parse_resources(self.retrieval.resources, "retrieval.resources")
-        if self.generation.max_actors < self.generation.min_actors:
-            raise ConfigError("generation.max_actors must be >= generation.min_actors")
-        if self.retrieval.max_actors < self.retrieval.min_actors:
-            raise ConfigError("retrieval.max_actors must be >= retrieval.min_actors")
-        if self.prompt.num_docs > self.retrieval.top_k:
-            raise ConfigError(
-                f"prompt.num_docs ({self.prompt.num_docs}) is larger than retrieval.top_k ({self.retrieval.top_k}); "
-                "raise retrieval.top_k or lower prompt.num_docs"
-            )
+        self.retrieval.validate()
+        check_docs(self.prompt.num_docs, self.retrieval.top_k)
+
+    def method_shaping(self, method: str, demos: list | None, index_fingerprint: str = "") -> dict:
+        """Every setting that shapes `method`'s predictions; `demos` are its demonstrations (ICL methods)."""
+        model = self.ft_model if method == "instructrag-ft" else self.generation.model
+        documents = None if method == "no-retrieval" else {
+            "num_docs": self.prompt.num_docs, "retrieval": retrieval_shaping(self.retrieval, index_fingerprint)}
+        return {"method": method, "generation": generation_shaping(self.generation, model), "documents": documents,
+                "demos": demos, "dataset": self.dataset}
 
 
 # --- fine-tuning (InstructRAG-FT) --------------------------------------------------------------------
@@ -475,7 +397,45 @@ class TrainConfig:
                 "bf16" if self.scaling.use_gpu else "fp32"),
             "num_workers": self.scaling.num_workers,
         }
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint(shaping)
+
+
+# --- shared checks and fingerprints ----------------------------------------------------------------
+
+
+def check_pool(prefix: str, min_actors: int, max_actors: int) -> None:
+    if max_actors < min_actors:
+        raise ConfigError(f"{prefix}.max_actors ({max_actors}) must be >= {prefix}.min_actors ({min_actors})")
+
+
+def check_docs(num_docs: int, top_k: int) -> None:
+    if num_docs > top_k:
+        raise ConfigError(f"prompt.num_docs ({num_docs}) is larger than retrieval.top_k ({top_k}); "
+                          "raise retrieval.top_k or lower prompt.num_docs")
+
+
+def retrieval_shaping(r: RetrievalConfig, index_fingerprint: str = "") -> dict:
+    """The retrieval settings that decide which documents a row gets (synthesis and evaluation alike)."""
+    where = {"index_path": r.index_path} if r.backend == "tantivy" else {"es_index": r.es_index}
+    return {"backend": r.backend, **where, "index_fingerprint": index_fingerprint, "top_k": r.top_k,
+            "fields": r.fields}
+
+
+def generation_shaping(g: GenerationConfig, model: str) -> dict:
+    """The generation settings that decide what `model` writes (synthesis and evaluation alike). The API
+    key never enters it; retries, rates, timeouts, batch sizes and actor counts do not shape a text."""
+    shaping = {"engine": g.engine, "model": model, "max_new_tokens": g.max_new_tokens,
+               "max_model_len": g.max_model_len, "dtype": g.dtype, "temperature": g.temperature,
+               "top_p": g.top_p if g.temperature > 0 else None, "seed": g.seed if g.temperature > 0 else None}
+    if g.engine == "openai":
+        shaping.update(base_url=g.base_url, served_model=g.served_model or model,
+                       send_stop_token_ids=g.send_stop_token_ids)
+    return shaping
+
+
+def fingerprint(shaping: dict) -> str:
+    """16 hex digits of the settings' JSON: equal settings, equal fingerprint."""
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -520,8 +480,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
             raise ConfigError(f"override {item!r} is not key=value (e.g. generation.max_new_tokens=64)")
         set_value(cfg, key.strip(), value, source="command line")
     _check_values(cfg, "")
-    if hasattr(cfg, "validate"):
-        cfg.validate()
+    cfg.validate()
     return cfg
 
 

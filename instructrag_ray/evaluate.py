@@ -21,7 +21,7 @@ transformers or openai engines in GenerateStage, or vLLM's ray.data.llm chain). 
 baseline is refused: it reads the gold answers.
 
 Demonstrations are drawn once per dataset, reproducibly (seeded), from consistent rationales only,
-never from a test id or a test question (see `load_demo_pool`, `select_demos`).
+never from a test id or a test question (demos.py).
 
 Outputs (`<output>/`): predictions/*.parquet (schemas/predictions.json), rejected/*.parquet
 (schemas/rejected.json; a per-method reject's detail starts with "method <name>: "), metrics.json,
@@ -31,11 +31,8 @@ predictions/ are skipped; rejected/ and the reports are rebuilt.
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from collections import Counter
@@ -45,14 +42,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import prompts, read, schemas, write
+from . import output, prompts, read, schemas
 from .answers import has_answer
-from .batches import cached_get, follow, ok_rows, reject, require, select_rows
 from .cli import init_ray
-from .config import ICL_METHODS, EvaluateConfig, to_dict
-from .generate import GenerateStage
+from .config import ICL_METHODS, EvaluateConfig, fingerprint
+from .demos import load_demo_pool, select_demos
+from .errors import InputError, OutputConflict
+from .generation.stage import generate
 from .metrics import compute_metrics, markdown_report, plot_report, score_prediction
-from .tiny_model import ModelError, load_chat_tokenizer, resolve_model
+from .models import check_weights, load_chat_tokenizer, resolve_max_model_len, resolve_model
+from .progress import follow
+from .retrieval.stage import check_retrieval, retrieve
+from .rows import cached_get, ok_rows, reject, require, select_rows
 
 FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = "instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval"
 # Report order: the two InstructRAG methods first, then the baselines.
@@ -63,17 +64,10 @@ METHOD_ORDER = (FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL)
 # (prompts.icl_parts) with short answers in place of rationales. no-retrieval drops the documents, so
 # the FT instruction loses "and the provided information".
 NO_RETRIEVAL_QUESTION = "Based on your knowledge, answer the question:\n{question}"
-# icl-qa's demonstration answer for an ASQA-style demo: the first short answer of each qa_pair, joined.
-SHORT_ANSWER_JOIN = ", "
-SHORT_ANSWER_LAST = " and "
 
 PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG = "predictions", "rejected", "metrics.json", "report.md", "report.png"
 MANIFEST = "manifest.json"
 TASK_CPUS = 0.1
-
-
-class EvaluationError(ValueError):
-    """A missing or malformed input found before any generation; the message says what to fix."""
 
 
 def log(message: str) -> None:
@@ -96,133 +90,6 @@ def method_parts(method: str, question: str, docs: list[dict], demos: list[dict]
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHOD_ORDER)}")
 
 
-def short_answer(answers: list[str] | None, qa_pairs: list[dict] | None) -> str | None:
-    """A demonstration's short answer for icl-qa: answers[0], or one answer per ASQA qa_pair."""
-    firsts = [p["answers"][0] for p in qa_pairs or [] if p.get("answers")]
-    if len(firsts) > 1:
-        return SHORT_ANSWER_JOIN.join(firsts[:-1]) + SHORT_ANSWER_LAST + firsts[-1]
-    if firsts:
-        return firsts[0]
-    return answers[0] if answers else None
-
-
-# --- demonstrations ----------------------------------------------------------------------------------
-
-
-def load_demo_pool(path: str) -> list[dict]:
-    """Every candidate demonstration in `path`, in a reproducible order, as {id, dataset, question,
-    rationale, answer, consistent}.
-
-    `path` is a synthesis output directory (its rationales/ is read), a directory or file of rationale
-    Parquet (columns id, question, answers, rationale[, dataset, qa_pairs, consistent]), or a JSON /
-    JSONL file of {question, rationale[, answers, qa_pairs, id, dataset]} (the authors' demos.json,
-    whose answers and qa_pairs are Python-literal strings, reads as it is). Parquet rows are ordered
-    by id (file names are random); JSON rows keep the file's order.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise EvaluationError(f"demos.path {path} does not exist; pass a synthesis output directory (with "
-                              "rationales/), a rationale Parquet file, or a demos JSON file")
-    if p.is_dir():
-        folder = p / write.RATIONALES if (p / write.RATIONALES).is_dir() else p
-        files = sorted(folder.glob("*.parquet"))
-        if not files:
-            raise EvaluationError(f"demos.path {path} holds no rationale Parquet files (expected a synthesis output "
-                                  "directory, its rationales/, or a demos JSON file)")
-        return _parquet_demos(files, path)
-    if p.name.endswith(".parquet"):
-        return _parquet_demos([p], path)
-    if p.name.endswith((".json", ".jsonl")):
-        return _json_demos(p)
-    raise EvaluationError(f"demos.path {path}: unknown file type; use a directory of rationale Parquet, a .parquet, "
-                          "or a .json/.jsonl file of {question, rationale}")
-
-
-def _parquet_demos(files: list[Path], path: str) -> list[dict]:
-    rows = []
-    for f in files:
-        names = pq.read_schema(f).names
-        missing = [c for c in ("id", "question", "answers", "rationale") if c not in names]
-        if missing:
-            raise EvaluationError(f"demos.path {path}: {f.name} lacks column(s) {missing}; expected the synthesis "
-                                  "job's rationales (schemas/rationales.json)")
-        wanted = [c for c in ("id", "dataset", "question", "answers", "qa_pairs", "rationale", "consistent") if c in names]
-        rows.extend(pq.read_table(f, columns=wanted).to_pylist())
-    out = [_demo(str(r["id"]), r.get("dataset"), r["question"], r["rationale"], r["answers"], r.get("qa_pairs"),
-                 r.get("consistent")) for r in rows]
-    return sorted(out, key=lambda d: d["id"])
-
-
-def _json_demos(p: Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise EvaluationError(f"demos.path {p} is neither JSON nor JSON lines ({e.msg}, line {e.lineno})") from None
-    if isinstance(data, dict):
-        data = [data]
-    out = []
-    for i, r in enumerate(data):
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("rationale"), str):
-            raise EvaluationError(f"demos.path {p}: record {i} needs 'question' and 'rationale' strings")
-        answers, qa_pairs = _literal(r.get("answers")), _literal(r.get("qa_pairs"))
-        if isinstance(answers, str):
-            answers = [answers]
-        qa_pairs = [{"question": q.get("question", ""), "answers": list(q.get("short_answers", q.get("answers", [])))}
-                    for q in qa_pairs if isinstance(q, dict)] if isinstance(qa_pairs, list) else None
-        out.append(_demo(str(r.get("id", f"{p.name}#{i}")), r.get("dataset"), r["question"], r["rationale"],
-                         answers if isinstance(answers, list) else None, qa_pairs, None))
-    return out
-
-
-def _literal(value):
-    """The authors' demos.json stores lists as Python-literal strings ("['a', 'b']", "None")."""
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{") or value == "None":
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-    return value
-
-
-def _demo(did: str, dataset, question: str, rationale: str, answers, qa_pairs, consistent) -> dict:
-    if consistent is None:
-        # No recorded check (a hand-written demos file): check it here; without answers, trust the file.
-        consistent = has_answer(rationale, answers) if answers else True
-    return {"id": did, "dataset": dataset or None, "question": question, "rationale": rationale,
-            "answer": short_answer(answers, qa_pairs), "consistent": bool(consistent)}
-
-
-def select_demos(pool: list[dict], datasets: list[str], num: int, seed: int, mode: str, exclude_ids: set[str],
-                 exclude_questions: set[str], path: str = "", need_answer: bool = False) -> dict[str, list[dict]]:
-    """N demonstrations per dataset: consistent, not a test id or question, drawn with a seeded RNG.
-
-    mode 'same' draws from the dataset's own rows (rows without a dataset serve every dataset);
-    'any' draws one set from the whole pool for every dataset. The chosen rows keep pool order.
-    """
-    usable = [d for d in pool if d["consistent"] and d["id"] not in exclude_ids
-              and prompts.normalize_question(d["question"]) not in exclude_questions
-              and (d["answer"] is not None or not need_answer)]
-    chosen = {}
-    for dataset in datasets:
-        candidates = usable if mode == "any" else [d for d in usable if d["dataset"] in (None, dataset)]
-        if len(candidates) < num:
-            where = "" if mode == "any" else f" for dataset '{dataset}'"
-            raise EvaluationError(
-                f"demos.path {path} has {len(candidates)} usable demonstration(s){where} but demos.num={num}: "
-                f"{len(pool)} rows, {sum(d['consistent'] for d in pool)} consistent, test ids and questions "
-                f"excluded{', rows without answers excluded (icl-qa needs them)' if need_answer else ''}; "
-                "synthesize more rows, lower demos.num" + ("" if mode == "any" else ", or set demos.pool=any"))
-        rng = random.Random(f"{seed}|{'*' if mode == 'any' else dataset}")
-        picked = sorted(rng.sample(range(len(candidates)), num))
-        chosen[dataset] = [{k: candidates[i][k] for k in ("id", "dataset", "question", "rationale", "answer")}
-                           for i in picked]
-    return chosen
-
-
 # --- stages ------------------------------------------------------------------------------------------
 
 def _field(column: str) -> pa.Field:
@@ -243,8 +110,6 @@ class PromptStage:
     def __init__(self, model: str, methods: list[str], demos: dict[str, list[dict]], num_docs: int,
                  max_model_len: int, max_new_tokens: int, done_ref, carry_rejects: bool):
         from transformers import AutoTokenizer
-
-        from .synthesize import resolve_max_model_len
 
         path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -312,31 +177,13 @@ def score_batch(batch: pa.Table) -> pa.Table:
                                  for i, r in enumerate(rows)], schema=schema)
 
 
-def write_batch(batch: pa.Table, output: str, fingerprints: dict[str, str], run_fingerprint: str) -> pa.Table:
+def write_batch(batch: pa.Table, output_dir: str, fingerprints: dict[str, str], run_fingerprint: str) -> pa.Table:
     """Stage `write`: healthy rows to predictions/ (schemas/predictions.json), rejected rows to rejected/
     (schemas/rejected.json); returns one stats row for progress and the summary."""
-    rows = batch.to_pylist()
-    good = [r for r in rows if r["reject_stage"] is None]
-    bad = [r for r in rows if r["reject_stage"] is not None]
-    out = Path(output)
-    schema = schemas.load("predictions")
-    for r in good:
-        r["config_fingerprint"] = fingerprints[r["method"]]
-    write.write_table(pa.Table.from_pylist([{c: r[c] for c in schema.names} for r in good], schema=schema),
-                      out / PREDICTIONS)
-    rejected = [{"id": r["id"], "dataset": r["dataset"], "stage": r["reject_stage"], "reason": r["reject_reason"],
-                 "detail": r["reject_detail"], "original": r["original"],
-                 "config_fingerprint": fingerprints.get(r.get("method"), run_fingerprint)} for r in bad]
-    write.write_table(pa.Table.from_pylist(rejected, schema=schemas.load("rejected")), out / REJECTED)
+    good, bad = output.write_rows(batch.to_pylist(), output_dir, PREDICTIONS, "predictions",
+                                  lambda r: fingerprints.get(r.get("method"), run_fingerprint))
     reasons = Counter(f"{r.get('method') or '*'}|{r['reject_stage']}:{r['reject_reason']}" for r in bad)
-    return pa.table({
-        "written": [len(good)],
-        "rejected": [len(bad)],
-        "reasons": [json.dumps(reasons)],
-        "correct": [sum(bool(r["correct"]) for r in good)],
-        "prompt_tokens": [sum(r["prompt_tokens"] for r in good)],
-        "completion_tokens": [sum(r["completion_tokens"] for r in good)],
-    })
+    return output.batch_stats(good, reasons, "correct")
 
 
 # --- checks before any work --------------------------------------------------------------------------
@@ -346,13 +193,9 @@ def check_model(key: str, model: str, weights: bool = True) -> str:
     """Fail early, naming the config key, when a model's config, tokenizer, chat template or (unless
     a server holds them: the openai engine) weights cannot be found; returns its local path
     (building the tiny model if asked for)."""
-    try:
-        path, _ = load_chat_tokenizer(key, model, config=True)
-    except ModelError as e:
-        raise EvaluationError(str(e)) from None
-    if weights and Path(path).is_dir() and not any(any(Path(path).glob(p)) for p in ("*.safetensors", "*.bin", "*.pt")):
-        raise EvaluationError(f"{key}={model!r} has a config and a tokenizer but no weights (*.safetensors or *.bin); "
-                              "point it at the saved model directory (jobs/train.py writes <output>/model)")
+    path, _ = load_chat_tokenizer(key, model, config=True)
+    if weights:
+        check_weights(key, model, path)
     return path
 
 
@@ -360,7 +203,7 @@ def check_report_dependencies() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise EvaluationError("matplotlib is not installed; the report chart needs it (pip install matplotlib)")
+        raise InputError("matplotlib is not installed; the report chart needs it (pip install matplotlib)")
 
 
 @dataclass
@@ -413,12 +256,12 @@ def check_answers(plan: Plan, input_path: str) -> None:
     empty = sorted(d for d in no_answers if d not in plan.datasets)
     if empty:
         d = empty[0]
-        raise EvaluationError(f"dataset '{d}' in {input_path} has no row with gold answers ({no_answers[d]} rows "
+        raise InputError(f"dataset '{d}' in {input_path} has no row with gold answers ({no_answers[d]} rows "
                               "without 'answers', 'answer', 'golden_answers' or 'possible_answers'); evaluation "
                               "scores predictions against gold answers")
     if not plan.valid:
         reasons = ", ".join(f"{r}: {n}" for (_, r), n in sorted(plan.rejected.items())) or "no rows"
-        raise EvaluationError(f"{input_path} has no usable QA row ({reasons}); every row needs a question and gold "
+        raise InputError(f"{input_path} has no usable QA row ({reasons}); every row needs a question and gold "
                               "answers")
 
 
@@ -426,48 +269,36 @@ def check_answers(plan: Plan, input_path: str) -> None:
 
 
 def method_fingerprint(cfg: EvaluateConfig, method: str, demos: dict[str, list[dict]]) -> str:
-    """Hash of the settings that shape `method`'s predictions; batch sizes and actor counts are left out."""
-    g, r = cfg.generation, cfg.retrieval
-    shaping = {
-        "method": method,
-        "model": cfg.ft_model if method == FT else g.model,
-        "engine": g.engine,
-        "served_model": g.served_model if g.engine == "openai" else None,
-        "documents": None if method == NO_RETRIEVAL else {
-            "num_docs": cfg.prompt.num_docs, "backend": r.backend, "index_path": r.index_path, "top_k": r.top_k,
-            "fields": r.fields},
-        "decoding": {"max_new_tokens": g.max_new_tokens, "max_model_len": g.max_model_len, "dtype": g.dtype,
-                     "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed if g.temperature > 0 else None},
-        "demos": None if method not in ICL_METHODS else {
-            ds: [[d["id"], d["question"], d["rationale"] if method == ICL else d["answer"]] for d in chosen]
-            for ds, chosen in sorted(demos.items())},
-        "dataset": cfg.dataset,
-    }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of the settings that shape `method`'s predictions (config.method_shaping, plus the chosen
+    demonstrations of an ICL method); batch sizes and actor counts are left out."""
+    chosen = None if method not in ICL_METHODS else {
+        ds: [[d["id"], d["question"], d["rationale"] if method == ICL else d["answer"]] for d in picked]
+        for ds, picked in sorted(demos.items())}
+    return fingerprint(cfg.method_shaping(method, chosen))
 
 
-def scan_predictions(output: str) -> dict[tuple[str, str], str]:
+def scan_predictions(output_dir: str) -> dict[tuple[str, str], str]:
     """(id, method) -> config_fingerprint of every prediction already written."""
     found = {}
-    for f in sorted((Path(output) / PREDICTIONS).glob("*.parquet")):
+    for f in sorted((Path(output_dir) / PREDICTIONS).glob("*.parquet")):
         t = pq.read_table(f, columns=["id", "method", "config_fingerprint"]).to_pydict()
         found.update({(i, m): fp for i, m, fp in zip(t["id"], t["method"], t["config_fingerprint"])})
     return found
 
 
-def prepare_output(output: str, fingerprints: dict[str, str], overwrite: bool) -> set[tuple[str, str]]:
+def prepare_output(output_dir: str, fingerprints: dict[str, str], overwrite: bool) -> set[tuple[str, str]]:
     """Check an output directory before a run; returns the (id, method) pairs to skip (resume).
 
     Predictions of a method written with other settings are refused unless overwrite (which clears the
     directory). rejected/ and the reports are always rebuilt: rejected rows are tried again.
     """
-    existing = scan_predictions(output)
+    existing = scan_predictions(output_dir)
     stale = sorted({m for (_, m), fp in existing.items() if m in fingerprints and fp != fingerprints[m]})
-    out = Path(output)
+    out = Path(output_dir)
     if stale and not overwrite:
-        raise EvaluationError(f"{output} holds {stale[0]} predictions written with other settings (model, prompt, "
-                              "demonstrations, retrieval or decoding); use a new --output, or pass overwrite=true "
-                              "to delete them and start again")
+        raise OutputConflict(f"{output_dir} holds {stale[0]} predictions written with other settings (model, prompt, "
+                             "demonstrations, retrieval or decoding); use a new --output, or pass overwrite=true "
+                             "to delete them and start again")
     if overwrite:
         shutil.rmtree(out / PREDICTIONS, ignore_errors=True)
         existing = {}
@@ -475,25 +306,6 @@ def prepare_output(output: str, fingerprints: dict[str, str], overwrite: bool) -
     for name in (METRICS, REPORT_MD, REPORT_PNG, MANIFEST):
         (out / name).unlink(missing_ok=True)
     return {key for key, fp in existing.items() if fingerprints.get(key[1]) == fp}
-
-
-def generate(ds, g, model: str, num_docs: int):
-    """Stage `generate` for one model, exactly as synthesis wires it (transformers or openai engines in
-    GenerateStage; vLLM's ray.data.llm chain in its place); adds rationale, completion_tokens,
-    finish_reason, generator."""
-    import ray
-
-    from .synthesize import custom_resources
-
-    if g.engine == "vllm":
-        from .generate_vllm import vllm_generate
-
-        return vllm_generate(ds, **g.vllm_options(model))
-    return ds.map_batches(
-        GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus,
-        num_gpus=g.num_gpus if g.engine == "transformers" else 0, **custom_resources(g.resources),
-        compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
-        fn_constructor_kwargs={"num_docs": num_docs, **g.engine_options(model)})
 
 
 def reblock(ds, rows: int):
@@ -504,22 +316,22 @@ def reblock(ds, rows: int):
     return ds.repartition(target_num_rows_per_block=rows)
 
 
+def model_groups(cfg: EvaluateConfig, methods: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(config key, model, its methods) for every model in play: the base model and ft_model."""
+    groups = [("generation.model", cfg.generation.model, [m for m in methods if m != FT]),
+              ("ft_model", cfg.ft_model, [FT] if FT in methods else [])]
+    return [g for g in groups if g[2]]
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Run the evaluation job; returns the manifest (also written to <output>/manifest.json)."""
-    import ray
-
-    from .synthesize import RetrieveStage, custom_resources, package_versions
-
     started = time.time()
     methods = sorted(cfg.method_list(), key=METHOD_ORDER.index)
     g, r = cfg.generation, cfg.retrieval
-    groups = [(key, model, ms) for key, model, ms in (
-        ("generation.model", g.model, [m for m in methods if m != FT]), ("ft_model", cfg.ft_model, [FT] if FT in methods else []))
-        if ms]
-
+    groups = model_groups(cfg, methods)
     # Everything that can be wrong with the inputs is found before any generation.
     if not read.is_hf_dataset_dir(cfg.input):
-        read.input_files(cfg.input)  # raises FileNotFoundError naming the path
+        read.input_files(cfg.input)  # raises InputError naming the path
     check_report_dependencies()
     icl = [m for m in methods if m in ICL_METHODS]
     pool = load_demo_pool(cfg.demos.path) if icl else []
@@ -537,39 +349,52 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     check_answers(plan, cfg.input)
     demos = select_demos(pool, plan.datasets, cfg.demos.num, cfg.demos.seed, cfg.demos.pool, plan.ids, plan.questions,
                          cfg.demos.path, need_answer=ICL_QA in methods) if icl else {}
-    if retrieves and plan.need_retrieval and r.backend == "tantivy" and not r.index_path:
-        raise EvaluationError(
-            f"{plan.need_retrieval} rows have no ctxs and retrieval.index_path is not set; build an index with "
-            "jobs/build_index.py and pass retrieval.index_path=DIR, give the rows ctxs, or use methods=no-retrieval")
-    if retrieves and plan.need_retrieval and r.backend == "elasticsearch":
-        from .elastic import ClusterError, check_search_index
-
-        try:  # reachable, TLS, credentials, client/server versions, index and mapping
-            check_search_index(r.es_cluster(), r.es_index, r.fields)
-        except ClusterError as e:
-            raise EvaluationError(str(e)) from None
+    if retrieves:
+        check_retrieval(r, plan.need_retrieval, alternative=", or use methods=no-retrieval")
     fingerprints = {m: method_fingerprint(cfg, m, demos) for m in methods}
-    run_fingerprint = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
     done = prepare_output(cfg.output, fingerprints, cfg.overwrite)
-    done_per_id = Counter(i for i, _ in done)
-    finished = {i for i, n in done_per_id.items() if n == len(methods)}
     todo = plan.valid * len(methods) - len(done)
     log(f"{plan.total} input rows, {plan.valid} usable; {len(done)} (row, method) pairs already in {cfg.output} "
         f"(resumed), {todo} to generate")
     for dataset_name, chosen in demos.items():
         log(f"demonstrations for {dataset_name}: {', '.join(d['id'] for d in chosen)}")
 
+    stats = evaluation_chain(parsed, cfg, plan, groups, demos, done, fingerprints, retrieves)
+    run = _follow(stats, todo, cfg.progress_interval_s)
+    metrics = write_reports(cfg.output, methods, cfg.metrics.resamples, cfg.metrics.confidence, cfg.metrics.seed,
+                            title=f"Evaluation of {Path(cfg.input).name}")
+    wall = time.time() - started
+    manifest = {
+        **output.manifest_header("evaluate", cfg),
+        "config_fingerprints": fingerprints,
+        "input_rows": plan.total,
+        "usable_rows": plan.valid,
+        "demonstrations": demos,
+        "this_run": {**run, "resumed_pairs_skipped": len(done), "wall_time_s": round(wall, 2),
+                     "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
+        "rejected": _rejected_by_method(run["reject_reasons"]),
+        "predictions": {m: metrics["scores"].get(m, {}).get("overall", {}).get("n", 0) for m in metrics["methods"]},
+        "outputs": {name: os.path.join(cfg.output, name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
+    }
+    output.write_manifest(cfg.output, manifest)
+    _summary(manifest, metrics)
+    return manifest
+
+
+def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dict, done: set,
+                     fingerprints: dict[str, str], retrieves: bool):
+    """select -> retrieve (once) -> per model: prompt -> generate -> score -> union -> write."""
+    import ray
+
+    g = cfg.generation
+    finished = {i for i, n in Counter(i for i, _ in done).items() if n == len(fingerprints)}
     ds = parsed.map_batches(
         select_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
         # rejected/ is rebuilt by every run, so every extra copy of an id is rejected again (False).
         fn_kwargs={"keep_ref": ray.put(plan.keep) if plan.keep is not None else None,
                    "duplicate_ref": ray.put(dict.fromkeys(plan.duplicates, False)), "skip_ref": ray.put(finished)})
     if retrieves and plan.need_retrieval:
-        ds = ds.map_batches(
-            RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-            **custom_resources(r.resources),
-            fn_constructor_kwargs={"top_k": r.top_k, **r.retriever_options()})
+        ds = retrieve(ds, cfg.retrieval)
     if len(groups) > 1:
         ds = ds.materialize()  # one retrieval pass, read by every model's branch
     done_ref = ray.put(done)
@@ -585,51 +410,27 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         # batch_size=None: each generated block is scored and written as it lands (resume loses little)
         branches.append(b.map_batches(score_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS))
     out = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    stats = out.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-                            fn_kwargs={"output": cfg.output, "fingerprints": fingerprints,
-                                       "run_fingerprint": run_fingerprint})
-    run = _follow(stats, todo, cfg.progress_interval_s)
-
-    metrics = write_reports(cfg.output, methods, cfg.metrics.resamples, cfg.metrics.confidence, cfg.metrics.seed,
-                            title=f"Evaluation of {Path(cfg.input).name}")
-    rejected = _rejected_by_method(run["reject_reasons"])
-    wall = time.time() - started
-    manifest = {
-        "job": "evaluate",
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": to_dict(cfg),
-        "config_fingerprints": fingerprints,
-        "versions": package_versions(),
-        "input_rows": plan.total,
-        "usable_rows": plan.valid,
-        "demonstrations": demos,
-        "this_run": {**run, "resumed_pairs_skipped": len(done), "wall_time_s": round(wall, 2),
-                     "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
-        "rejected": rejected,
-        "predictions": {m: metrics["scores"].get(m, {}).get("overall", {}).get("n", 0) for m in metrics["methods"]},
-        "outputs": {name: os.path.join(cfg.output, name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
-    }
-    write.write_manifest(cfg.output, manifest)
-    _summary(manifest, metrics)
-    return manifest
+    return out.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
+                           fn_kwargs={"output_dir": cfg.output, "fingerprints": fingerprints,
+                                      "run_fingerprint": fingerprint(fingerprints)})
 
 
-def read_predictions(output: str) -> list[dict]:
+def read_predictions(output_dir: str) -> list[dict]:
     """The columns metrics need, from every prediction file in the output directory."""
-    files = sorted((Path(output) / PREDICTIONS).glob("*.parquet"))
+    files = sorted((Path(output_dir) / PREDICTIONS).glob("*.parquet"))
     columns = ["id", "dataset", "method", "correct", "str_em", "completion_tokens", "finish_reason"]
     return [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
 
 
-def write_reports(output: str, methods: list[str] | None, resamples: int, confidence: float, seed: int,
+def write_reports(output_dir: str, methods: list[str] | None, resamples: int, confidence: float, seed: int,
                   title: str = "Evaluation") -> dict:
     """metrics.json, report.md and report.png from everything in <output>/predictions (this run and
     resumed runs; methods found there but not in `methods` are reported after them)."""
-    rows = read_predictions(output)
+    rows = read_predictions(output_dir)
     found = {r["method"] for r in rows}
     order = [m for m in (methods or []) if m in found] + sorted(found - set(methods or []), key=_order_key)
     metrics = compute_metrics(rows, order, resamples=resamples, confidence=confidence, seed=seed)
-    out = Path(output)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (out / REPORT_MD).write_text(markdown_report(metrics, title))

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import schemas
+from .errors import InputError
 
 RAW_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.string())])
 RAW_BLOCK_ROWS = 2000
@@ -63,8 +64,8 @@ def input_files(path: str | Path) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(QA_EXTENSIONS))
         if files:
             return files
-        raise FileNotFoundError(f"input directory {path} holds no {', '.join(QA_EXTENSIONS)} files")
-    raise FileNotFoundError(f"input {path} does not exist; pass --input with a QA file or directory")
+        raise InputError(f"input directory {path} holds no {', '.join(QA_EXTENSIONS)} files")
+    raise InputError(f"input {path} does not exist; pass --input with a QA file or directory")
 
 
 def is_hf_dataset_dir(path: str | Path) -> bool:

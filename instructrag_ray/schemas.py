@@ -1,7 +1,9 @@
 """The published Parquet contract: loads `schemas/*.json` into pyarrow schemas.
 
 The JSON files are the single source of truth; this module only parses their type strings
-(`string`, `int32`, `double`, `bool`, `list<T>`, `struct<name: T, ...>`) into Arrow types.
+(`string`, `int32`, `double`, `bool`, `list<T>`, `struct<name: T, ...>`) into Arrow types. An installed
+wheel carries them as package data (`instructrag_ray/schema_files/`, mapped from `schemas/` in
+pyproject.toml); a checkout, or a `ray job submit --working-dir .` upload of one, reads `schemas/`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+_PACKAGED = Path(__file__).resolve().parent / "schema_files"
+SCHEMA_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "schemas"
 
 _PRIMITIVES = {
     "string": pa.string(),

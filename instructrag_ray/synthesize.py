@@ -10,22 +10,20 @@ Every stage is a function or a callable class taking and returning a pyarrow bat
 from __future__ import annotations
 
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import pyarrow as pa
 
-from . import prompts, read, write
+from . import output, prompts, read
 from .answers import has_answer
-from .batches import add_columns, follow, ok_rows, reject, require, select_rows
 from .cli import init_ray
-from .config import SynthesizeConfig, parse_resources, to_dict
-from .generate import GenerateStage
-from .generate_vllm import vllm_generate
-from .tiny_model import ModelError, load_chat_tokenizer, resolve_model
+from .config import SynthesizeConfig
+from .generation.stage import generate
+from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
+from .progress import follow
+from .retrieval.stage import check_retrieval, retrieve
+from .rows import add_columns, ok_rows, reject, require, select_rows
 
 # Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
 # (an actor pool that takes every CPU starves the read/map tasks and the job hangs silently).
@@ -37,38 +35,6 @@ def log(message: str) -> None:
 
 
 # --- stages ------------------------------------------------------------------------------------
-
-
-class RetrieveStage:
-    """Stage `retrieve` (actor; the index is opened, or the Elasticsearch client made, once): reads
-    question, ctxs; fills ctxs and ctxs_source='retrieved' for rows without ctxs. Rows that arrived
-    with ctxs pass untouched; a failed or empty search rejects only its row (stage retrieve); a
-    cluster that stops answering stops the job (elastic.ClusterUnavailable) so that a rerun resumes
-    those rows instead of rejecting them."""
-
-    def __init__(self, backend: str, index_path: str, fields: str, top_k: int, **es_options):
-        from .retrieve import make_retriever
-
-        self.retriever = make_retriever(backend, index_path=index_path, fields=fields, **es_options)
-        self.top_k = top_k
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from .retrieve import QueryFailure
-
-        require(batch, "retrieve", "question", "ctxs")
-        rows = batch.to_pylist()
-        todo = [i for i in ok_rows(rows) if rows[i]["ctxs"] is None]
-        results = self.retriever.batch_search([rows[i]["question"] for i in todo], self.top_k) if todo else []
-        for i, hits in zip(todo, results):
-            if isinstance(hits, QueryFailure):
-                reject(rows[i], "retrieve", "search_failed", hits.reason)
-            elif not hits:
-                reject(rows[i], "retrieve", "no_documents",
-                       "the search returned no document (no question term occurs in the index)")
-            else:
-                rows[i]["ctxs"] = [{"id": h.id, "title": h.title, "text": h.text, "score": h.score} for h in hits]
-                rows[i]["ctxs_source"] = "retrieved"
-        return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
 class PromptStage:
@@ -101,15 +67,6 @@ class PromptStage:
         return add_columns(batch, rows, {"prompt": texts, "prompt_tokens": tokens, "truncated_tokens": cut})
 
 
-def resolve_max_model_len(model_path: str, max_model_len: int) -> int:
-    """The configured context budget, else the model's own (max_position_embeddings)."""
-    if max_model_len:
-        return max_model_len
-    from transformers import AutoConfig
-
-    return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
-
-
 def check_batch(batch: pa.Table, num_docs: int) -> pa.Table:
     """Stage `check`: reads rationale, answers, ctxs; adds consistent (a gold answer occurs in the
     rationale, PAPER.md's rule) and answer_in_docs (a gold answer occurs in a prompt document)."""
@@ -138,7 +95,7 @@ class Plan:
     need_retrieval: int
 
 
-def plan_rows(parsed, existing: write.ExistingOutput, limit: int) -> Plan:
+def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
     """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
     import ray
 
@@ -166,103 +123,72 @@ def plan_rows(parsed, existing: write.ExistingOutput, limit: int) -> Plan:
                 need_retrieval=need)
 
 
-def custom_resources(spec: str) -> dict:
-    """Ray remote args for a 'name:amount,...' spec: {} when empty (Ray rejects resources=None on some paths)."""
-    resources = parse_resources(spec)
-    return {"resources": resources} if resources else {}
-
-
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
     """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json)."""
-    import ray
-
     started = time.time()
     fingerprint = cfg.fingerprint()
-    existing = write.prepare_output(cfg.output, fingerprint, cfg.overwrite)
+    existing = output.prepare_output(cfg.output, fingerprint, cfg.overwrite)
     # Fail early on a model that does not load (the prompt stage needs its tokenizer and chat template,
     # even for the template baseline); this also builds the tiny model once on the driver's node.
-    _check_model(cfg.generation.model)
+    load_chat_tokenizer("generation.model", cfg.generation.model)
     init_ray(cfg.ray_address)
 
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
     parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
         read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
-
     plan = plan_rows(parsed, existing, cfg.limit)
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
     if existing.retry_ids:
         n = len(existing.retry_ids)
         log(f"{n} row{'s' if n != 1 else ''} rejected by an earlier run for a passing failure (a model server or "
             "search cluster error) will be tried again")
-    if plan.need_retrieval and cfg.retrieval.backend == "tantivy" and not cfg.retrieval.index_path:
-        raise SystemExit(
-            f"error: {plan.need_retrieval} rows have no ctxs and retrieval.index_path is not set; build an index "
-            "with jobs/build_index.py and pass retrieval.index_path=DIR, or give rows pre-retrieved ctxs")
-    if plan.need_retrieval and cfg.retrieval.backend == "elasticsearch":
-        from .elastic import ClusterError, check_search_index
+    check_retrieval(cfg.retrieval, plan.need_retrieval)
 
-        try:  # reachable, TLS, credentials, client/server versions, index and mapping: one line each
-            check_search_index(cfg.retrieval.es_cluster(), cfg.retrieval.es_index, cfg.retrieval.fields)
-        except ClusterError as e:
-            raise SystemExit(f"error: {e}") from None
+    stats = synthesis_chain(parsed, cfg, plan, existing, fingerprint)
+    run = _follow(stats, plan.todo, cfg.progress_interval_s)
+    manifest = synthesis_manifest(cfg, fingerprint, plan, run, time.time() - started)
+    output.write_manifest(cfg.output, manifest)
+    _summary(manifest)
+    return manifest
 
-    g, r = cfg.generation, cfg.retrieval
+
+def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, fingerprint: str):
+    """select -> retrieve -> prompt -> generate -> check -> write, with the resources of the config."""
+    import ray
+
+    g = cfg.generation
     ds = parsed.map_batches(
         select_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
         fn_kwargs={"skip_ref": ray.put(existing.ids), "duplicate_ref": ray.put(plan.duplicates),
                    "keep_ref": ray.put(plan.keep) if plan.keep is not None else None})
     if plan.need_retrieval:
-        ds = ds.map_batches(
-            RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
-            **custom_resources(r.resources),
-            compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-            fn_constructor_kwargs={"top_k": r.top_k, **r.retriever_options()})
+        ds = retrieve(ds, cfg.retrieval)
     ds = ds.map_batches(
         PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
         fn_constructor_kwargs={"model": g.model, "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                "max_new_tokens": g.max_new_tokens})
-    if g.engine == "vllm":  # ray.data.llm's processor is itself a chain of stages: it takes GenerateStage's place
-        ds = vllm_generate(ds, **g.vllm_options())
-    else:
-        ds = ds.map_batches(
-            GenerateStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=g.num_cpus,
-            num_gpus=g.num_gpus if g.engine == "transformers" else 0, **custom_resources(g.resources),
-            compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
-            fn_constructor_kwargs={"num_docs": cfg.prompt.num_docs, **g.engine_options()})
+    ds = generate(ds, g, g.model, cfg.prompt.num_docs)
     ds = ds.map_batches(check_batch, batch_format="pyarrow", fn_kwargs={"num_docs": cfg.prompt.num_docs},
                         num_cpus=TASK_CPUS)
-    stats = ds.map_batches(write.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                           fn_kwargs={"output": cfg.output, "fingerprint": fingerprint})
+    return ds.map_batches(output.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                          fn_kwargs={"output": cfg.output, "fingerprint": fingerprint})
 
-    run = _follow(stats, plan.todo, cfg.progress_interval_s)
-    wall = time.time() - started
-    totals = write.output_totals(cfg.output)
-    manifest = {
-        "job": "synthesize",
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": to_dict(cfg),
+
+def synthesis_manifest(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, run: dict, wall: float) -> dict:
+    done = run["written"] + run["rejected"]
+    return {
+        **output.manifest_header("synthesize", cfg),
         "config_fingerprint": fingerprint,
-        "versions": package_versions(),
         "input_rows": plan.total,
         "this_run": {**run, "resumed_rows_skipped": plan.skipped, "wall_time_s": round(wall, 2),
-                     "rows_per_s": round((run["written"] + run["rejected"]) / wall, 3) if wall else None,
+                     "rows_per_s": round(done / wall, 3) if wall else None,
                      "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
-        "totals": totals,
-        "outputs": {"rationales": os.path.join(cfg.output, write.RATIONALES),
-                    "rejected": os.path.join(cfg.output, write.REJECTED)},
+        "totals": output.output_totals(cfg.output),
+        "outputs": {"rationales": os.path.join(cfg.output, output.RATIONALES),
+                    "rejected": os.path.join(cfg.output, output.REJECTED)},
     }
-    write.write_manifest(cfg.output, manifest)
-    _summary(manifest)
-    return manifest
-
-
-def _check_model(model: str) -> None:
-    try:
-        load_chat_tokenizer("generation.model", model)
-    except ModelError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def _follow(stats, todo: int, interval: float) -> dict:
@@ -291,18 +217,4 @@ def _summary(m: dict) -> None:
           f"{'n/a' if cons is None else f'{cons:.1%}'}")
     print(f"  rationales          {m['outputs']['rationales']}")
     print(f"  rejected            {m['outputs']['rejected']}")
-    print(f"  manifest            {os.path.join(m['config']['output'], write.MANIFEST)}", flush=True)
-
-
-@lru_cache(maxsize=1)
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "platform": sys.platform}
-    for name in ("instructrag-ray", "ray", "torch", "transformers", "pyarrow", "tantivy", "elasticsearch",
-                 "deepspeed", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    print(f"  manifest            {os.path.join(m['config']['output'], output.MANIFEST)}", flush=True)

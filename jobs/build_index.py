@@ -1,4 +1,4 @@
-"""Build the passage index that synthesis and evaluation retrieve from.
+r"""Build the passage index that synthesis and evaluation retrieve from.
 
 Embedded BM25 (tantivy), local or on the node that will run retrieval:
     python jobs/build_index.py --corpus passages.jsonl --index out/index
@@ -19,22 +19,16 @@ keyed by passage id, so it overwrites and never duplicates. `--help` lists every
 import sys
 from pathlib import Path
 
+# `python jobs/x.py` puts jobs/ on sys.path, not the repo root that holds the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instructrag_ray.cli import parse_job_args  # noqa: E402
+from instructrag_ray.cli import run_job  # noqa: E402
 from instructrag_ray.config import BuildIndexConfig  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from instructrag_ray.elastic import ClusterError
-    from instructrag_ray.index import build_index
-
-    cfg = parse_job_args(BuildIndexConfig, __doc__, {"corpus": "corpus", "index": "index", "output": "output"}, argv)
-    try:
-        build_index(cfg)
-    except (FileExistsError, FileNotFoundError, ValueError, ClusterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv=None):
+    return run_job(BuildIndexConfig, __doc__, {"corpus": "corpus", "index": "index", "output": "output"},
+                   "instructrag_ray.retrieval.build:build_index", argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluate InstructRAG-FT and InstructRAG-ICL against baselines (vanilla-rag, icl-qa, no-retrieval).
+r"""Evaluate InstructRAG-FT and InstructRAG-ICL against baselines (vanilla-rag, icl-qa, no-retrieval).
 
 Local (the synthetic world; the demonstrations come from a synthesis run's rationales):
     python jobs/evaluate.py --input demo_out/world/qa_test.jsonl --output out/eval \
@@ -19,19 +19,13 @@ from pathlib import Path
 # `python jobs/x.py` puts jobs/ on sys.path, not the repo root that holds the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instructrag_ray.cli import parse_job_args  # noqa: E402
+from instructrag_ray.cli import run_job  # noqa: E402
 from instructrag_ray.config import EvaluateConfig  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from instructrag_ray.evaluate import EvaluationError, run_evaluation
-
-    cfg = parse_job_args(EvaluateConfig, __doc__, {"input": "input", "output": "output"}, argv)
-    try:
-        run_evaluation(cfg)
-    except (EvaluationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv=None):
+    return run_job(EvaluateConfig, __doc__, {"input": "input", "output": "output"},
+                   "instructrag_ray.evaluate:run_evaluation", argv)
 
 
 if __name__ == "__main__":

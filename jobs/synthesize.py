@@ -1,4 +1,4 @@
-"""Synthesize InstructRAG denoising rationales into Parquet.
+r"""Synthesize InstructRAG denoising rationales into Parquet.
 
 Local:
     python jobs/synthesize.py --input data/qa.jsonl --output out/ retrieval.index_path=out/index
@@ -17,28 +17,13 @@ from pathlib import Path
 # `python jobs/x.py` puts jobs/ on sys.path, not the repo root that holds the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instructrag_ray.cli import parse_job_args  # noqa: E402
+from instructrag_ray.cli import run_job  # noqa: E402
 from instructrag_ray.config import SynthesizeConfig  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from instructrag_ray.synthesize import run_synthesis
-    from instructrag_ray.write import ResumeConflict
-
-    cfg = parse_job_args(SynthesizeConfig, __doc__, {"input": "input", "output": "output"}, argv)
-    try:
-        run_synthesis(cfg)
-    except (ResumeConflict, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as e:  # noqa: BLE001 - an actor's cluster outage arrives wrapped in Ray's task error
-        from instructrag_ray.elastic import cluster_error_in
-
-        message = cluster_error_in(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv=None):
+    return run_job(SynthesizeConfig, __doc__, {"input": "input", "output": "output"},
+                   "instructrag_ray.synthesize:run_synthesis", argv)
 
 
 if __name__ == "__main__":

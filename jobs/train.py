@@ -1,4 +1,4 @@
-"""Fine-tune a model on synthesized rationales (InstructRAG-FT): Ray Train + DeepSpeed ZeRO.
+r"""Fine-tune a model on synthesized rationales (InstructRAG-FT): Ray Train + DeepSpeed ZeRO.
 
 Local (CPU workers over gloo, fp32; the synthesis output of `make demo`):
     python jobs/train.py --input demo_out/synthesis --output out/sft
@@ -19,19 +19,13 @@ from pathlib import Path
 # `python jobs/x.py` puts jobs/ on sys.path, not the repo root that holds the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instructrag_ray.cli import parse_job_args  # noqa: E402
+from instructrag_ray.cli import run_job  # noqa: E402
 from instructrag_ray.config import TrainConfig  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from instructrag_ray.train import OutputConflict, run_training
-
-    cfg = parse_job_args(TrainConfig, __doc__, {"input": "input", "output": "output"}, argv)
-    try:
-        run_training(cfg)
-    except (OutputConflict, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv=None):
+    return run_job(TrainConfig, __doc__, {"input": "input", "output": "output"},
+                   "instructrag_ray.sft.job:run_training", argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from instructrag_ray import generate_vllm, schemas
+from instructrag_ray import schemas
+from instructrag_ray.generation import vllm_engine as generate_vllm
 from instructrag_ray.config import SynthesizeConfig, load_config
 from instructrag_ray.synthesize import run_synthesis
 
@@ -64,7 +65,7 @@ def test_vllm_engine_on_a_gpu(ray_local, tiny_model, index, qa, tmp_path):
     assert len(good) == len(ids) and len(bad) == 2  # vLLM generates for every healthy row
     assert manifest["this_run"]["completion_tokens"] == sum(r["completion_tokens"] for r in good)
     # a rerun with the transformers engine is a different kind of rationale: refused
-    from instructrag_ray.write import ResumeConflict
+    from instructrag_ray.errors import OutputConflict as ResumeConflict
 
     with pytest.raises(ResumeConflict):
         run_synthesis(config(qa_path, out, index, "generation.engine=transformers"))
@@ -152,7 +153,7 @@ def test_vllm_chain_on_cpu_with_a_stand_in_engine(ray_local, tiny_model, index, 
                            for r in refused)
     assert len(good) + len(refused) == len(ids) and all(r["prompt_tokens"] % 5 for r in good)
     # the stand-in generates as the transformers engine does, so the chain returns exactly its rationales
-    from instructrag_ray.generate import TransformersEngine
+    from instructrag_ray.generation.transformers_engine import TransformersEngine
 
     reference = TransformersEngine(model="tiny", max_new_tokens=8, micro_batch_size=1).generate(good)
     assert [(r["rationale"], r["completion_tokens"], r["finish_reason"]) for r in good] == [

@@ -15,10 +15,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from instructrag_ray import elastic
+from instructrag_ray import errors, schemas
+from instructrag_ray.retrieval.elastic import bulk as es_bulk
+from instructrag_ray.retrieval.elastic import client as es_client
+from instructrag_ray.retrieval.elastic import index as es_index
+from instructrag_ray.retrieval.elastic import search as es_search
+from instructrag_ray.retrieval import base as retrieval_base
 from instructrag_ray.config import BuildIndexConfig, SynthesizeConfig, load_config
-from instructrag_ray.index import build_index
-from instructrag_ray.retrieve import TantivyRetriever, build_tantivy_index, read_corpus
+from instructrag_ray.retrieval.build import build_index
+from instructrag_ray.retrieval.corpus import read_corpus
+from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +34,7 @@ INDEX = "world"
 
 @pytest.fixture(scope="session")
 def es_world(tmp_path_factory):
-    from instructrag_ray.synthetic import write_world
+    from instructrag_ray.testing.synthetic import write_world
 
     return write_world(tmp_path_factory.mktemp("es_world"), seed=11, n_people=30, n_questions=40)
 
@@ -65,7 +71,7 @@ def build_cfg(corpus, output, url, index=INDEX, *extra):
 
 
 def test_cluster(url, **kwargs):
-    return elastic.cluster(url, max_retries=kwargs.pop("max_retries", 2), retry_backoff_s=0.1, environ={}, **kwargs)
+    return es_client.cluster(url, max_retries=kwargs.pop("max_retries", 2), retry_backoff_s=0.1, environ={}, **kwargs)
 
 
 test_cluster.__test__ = False  # a helper, not a test
@@ -74,13 +80,13 @@ test_cluster.__test__ = False  # a helper, not a test
 def load_directly(url, corpus, index=INDEX):
     """Load a corpus without Ray (fixtures of the fault tests): the same functions the job uses."""
     cl = test_cluster(url)
-    client, _ = elastic.connect(cl)
-    elastic.prepare_index(client, cl, index, elastic.index_definition(), overwrite=True)
-    from instructrag_ray.retrieve import checked_passages
+    client, _ = es_client.connect(cl)
+    es_index.prepare_index(client, cl, index, es_index.index_definition(), overwrite=True)
+    from instructrag_ray.retrieval.corpus import checked_passages
 
-    stats = elastic.bulk_index(client, cl, index, (p for p in checked_passages(read_corpus(corpus)) if "_reject" not in p),
+    stats = es_bulk.bulk_index(client, cl, index, (p for p in checked_passages(read_corpus(corpus)) if "_reject" not in p),
                                max_docs=50)
-    assert elastic.finish_index(client, cl, index, expected=stats.indexed, replicas=0, refresh_interval="1s")["ok"]
+    assert es_index.finish_index(client, cl, index, expected=stats.indexed, replicas=0, refresh_interval="1s")["ok"]
     return stats.indexed
 
 
@@ -111,13 +117,17 @@ def test_build_loads_in_parallel_rejects_with_reasons_and_checks_the_count(es_bu
     assert m["bulk"]["requests"] >= 4 and m["elasticsearch"]["index_was"] == "created"
     assert json.loads((output / "manifest.json").read_text()) == m
 
-    rejected = [json.loads(line) for f in sorted((output / "rejected").glob("*.jsonl")) for line in f.read_text().splitlines()]
-    by_code = {r["code"]: r for r in rejected}
-    assert by_code["duplicate_id"]["reason"].endswith("duplicate id (the first one is indexed)")
+    rejected = read_rows(output / "rejected")  # the rejected table of every job (schemas/rejected.json)
+    assert pq.read_schema(next((output / "rejected").glob("*.parquet"))).names == schemas.columns("rejected")
+    by_code = {r["reason"]: r for r in rejected}
+    assert {r["stage"] for r in rejected} == {"index"}
+    assert by_code["duplicate_id"]["detail"].endswith("duplicate id (the first one is indexed)")
+    assert json.loads(by_code["duplicate_id"]["original"])["id"] == "p000000"  # the passage as read
     assert by_code["elasticsearch:action_request_validation_exception"]["id"] == LONG_ID
-    assert "512 bytes" in by_code["elasticsearch:action_request_validation_exception"]["reason"]
-    assert {r["reason"].split(": ", 1)[1] for r in rejected if r["code"] == "invalid_passage"} >= {"no text"}
-    assert len(list((output / "rejected").glob("*.jsonl"))) == 1  # only blocks with rejects write a file
+    assert "512 bytes" in by_code["elasticsearch:action_request_validation_exception"]["detail"]
+    assert {r["detail"].split(": ", 1)[1] for r in rejected if r["reason"] == "invalid_passage"} >= {"no text"}
+    assert "{not json" in {r["original"] for r in rejected}
+    assert len(list((output / "rejected").glob("*.parquet"))) == 1  # only blocks with rejects write a file
 
     client = test_cluster(noida.url).client()
     spec = client.indices.get(index=INDEX)[INDEX]
@@ -125,8 +135,8 @@ def test_build_loads_in_parallel_rejects_with_reasons_and_checks_the_count(es_bu
     assert settings["refresh_interval"] == "1s" and settings["number_of_replicas"] == "0"  # restored after the load
     assert mappings["_meta"]["instructrag_ray"]["state"] == "complete"
     assert mappings["properties"]["id"] == {"type": "keyword"}
-    assert mappings["properties"]["text"]["analyzer"] == elastic.ANALYZER
-    assert settings["analysis"]["tokenizer"][elastic._TOKENIZER]["pattern"] == r"[^\p{IsAlphabetic}\p{N}]+"
+    assert mappings["properties"]["text"]["analyzer"] == es_index.ANALYZER
+    assert settings["analysis"]["tokenizer"][es_index._TOKENIZER]["pattern"] == r"[^\p{IsAlphabetic}\p{N}]+"
     assert client.count(index=INDEX)["count"] == n_good
     assert client.get(index=INDEX, id="p000000")["_source"]["id"] == "p000000"
 
@@ -137,26 +147,25 @@ def test_rebuild_is_idempotent_and_a_stale_index_is_caught(ray_local, noida, es_
     again = build_index(build_cfg(corpus, tmp_path / "r1", noida.url, "rebuild"))  # same command: a rerun
     assert again["elasticsearch"]["index_was"] == "reused"
     assert again["indexed"] == first["indexed"] == n_good and again["count_check"]["count"] == n_good
-    rejected = [line for f in (tmp_path / "r1" / "rejected").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert len(rejected) == 4  # the report describes the rerun, not both runs
+    assert len(read_rows(tmp_path / "r1" / "rejected")) == 4  # the report describes the rerun, not both runs
 
     # a smaller corpus into the same index: the documents of the first corpus are still there
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(corpus.read_text().splitlines()[:20]) + "\n")
-    with pytest.raises(elastic.ClusterError, match="holds .* documents but this run indexed 20.*overwrite=true"):
+    with pytest.raises(errors.ClusterError, match="holds .* documents but this run indexed 20.*overwrite=true"):
         build_index(build_cfg(small, tmp_path / "r2", noida.url, "rebuild"))
-    with pytest.raises(elastic.ClusterError, match="being loaded"):  # the retriever refuses it meanwhile
-        elastic.check_search_index(test_cluster(noida.url), "rebuild", "title,text")
+    with pytest.raises(errors.ClusterError, match="being loaded"):  # the retriever refuses it meanwhile
+        es_index.check_search_index(test_cluster(noida.url), "rebuild", "title,text")
     replaced = build_index(build_cfg(small, tmp_path / "r3", noida.url, "rebuild", "overwrite=true"))
     assert replaced["elasticsearch"]["index_was"] == "replaced" and replaced["count_check"]["count"] == 20
-    elastic.check_search_index(test_cluster(noida.url), "rebuild", "title,text")
+    es_index.check_search_index(test_cluster(noida.url), "rebuild", "title,text")
 
 
 # --- retrieval -------------------------------------------------------------------------------------
 
 
 def test_parity_with_tantivy(es_built, noida, tantivy_world, es_world):
-    retriever = elastic.ElasticsearchRetriever(test_cluster(noida.url), INDEX, "title,text")
+    retriever = es_search.ElasticsearchRetriever(test_cluster(noida.url), INDEX, "title,text")
     assert retriever.query_mode == "terms"
     qs = questions(es_world, 30)
     got = retriever.batch_search(qs, 10)
@@ -174,12 +183,12 @@ def test_parity_with_tantivy(es_built, noida, tantivy_world, es_world):
 
 
 def test_a_failed_search_rejects_only_its_row(es_built, noida, es_world):
-    retriever = elastic.ElasticsearchRetriever(test_cluster(noida.url), INDEX, "title,text")
+    retriever = es_search.ElasticsearchRetriever(test_cluster(noida.url), INDEX, "title,text")
     qs = questions(es_world, 3)
     normal = retriever.query
     retriever.query = lambda q: {"no_such_query": {}} if q == qs[1] else normal(q)  # the server refuses it
     results = retriever.batch_search(qs, 3)
-    assert isinstance(results[1], elastic.QueryFailure) and "parsing_exception" in results[1].reason
+    assert isinstance(results[1], retrieval_base.QueryFailure) and "parsing_exception" in results[1].reason
     assert all(isinstance(r, list) and r for r in (results[0], results[2]))
 
 
@@ -232,31 +241,25 @@ def test_start_errors_say_what_to_fix(es_built, noida, make_front, tls_files):
         (test_cluster(tls.url), INDEX, "TLS certificate verification failed.*es_ca_certs"),
     ]
     for cl, index, message in cases:
-        with pytest.raises(elastic.ClusterError, match=message) as err:
-            elastic.check_search_index(cl, index, "title,text")
+        with pytest.raises(errors.ClusterError, match=message) as err:
+            es_index.check_search_index(cl, index, "title,text")
         assert "\n" not in str(err.value) and "wrong-key" not in str(err.value)
-    assert elastic.check_search_index(test_cluster(tls.url, ca_certs=tls_files[0]), INDEX, "title,text")
+    assert es_index.check_search_index(test_cluster(tls.url, ca_certs=tls_files[0]), INDEX, "title,text")
 
 
-def test_the_jobs_stop_at_start_with_one_line(ray_local, tiny_model, es_built, noida, es_world, tmp_path, capsys):
+def test_the_jobs_stop_at_start_with_one_line(ray_local, tiny_model, es_built, noida, es_world, tmp_path, capsys,
+                                              job_main):
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(SystemExit, match=r"^error: cannot reach Elasticsearch at http://127.0.0.1:\d+ .*retrieval.es_url"):
+    with pytest.raises(errors.ClusterError, match=r"^cannot reach Elasticsearch at http://127.0.0.1:\d+ .*retrieval.es_url"):
         run_synthesis(synth_cfg(es_world["qa"], tmp_path / "s", dead, "limit=4"))
     assert not (tmp_path / "s" / "rationales").exists()
-    with pytest.raises(SystemExit, match="retrieval.es_index is not set"):
+    with pytest.raises(errors.ClusterError, match="retrieval.es_index is not set"):
         run_synthesis(synth_cfg(es_world["qa"], tmp_path / "s", noida.url, "limit=4", "retrieval.es_index="))
 
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("build_index_job", Path(__file__).parents[2] / "jobs" / "build_index.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    main = job.main
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        main(["--corpus", str(es_world["corpus"]), "--output", str(tmp_path / "b"), "backend=elasticsearch",
-              f"es_url={dead}", "es_index=x"])
+        job_main("build_index")(["--corpus", str(es_world["corpus"]), "--output", str(tmp_path / "b"),
+                                 "backend=elasticsearch", f"es_url={dead}", "es_index=x"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot reach Elasticsearch") and "check es_url" in err[0]
@@ -316,9 +319,9 @@ def stop_at(server, path_part, n, restart_after=None):
 def test_retriever_recovers_when_the_server_comes_back(fresh_noida, make_front, es_world, es_corpus):
     load_directly(fresh_noida.url, es_corpus[0])
     qs = questions(es_world, 12)
-    undisturbed = elastic.ElasticsearchRetriever(test_cluster(fresh_noida.url), INDEX).batch_search(qs, 5)
+    undisturbed = es_search.ElasticsearchRetriever(test_cluster(fresh_noida.url), INDEX).batch_search(qs, 5)
     front = make_front(fresh_noida, on_request=stop_at(fresh_noida, "_msearch", 2, restart_after=1.0))
-    retriever = elastic.ElasticsearchRetriever(test_cluster(front.url, max_retries=8), INDEX)
+    retriever = es_search.ElasticsearchRetriever(test_cluster(front.url, max_retries=8), INDEX)
     results = [r for i in range(0, len(qs), 4) for r in retriever.batch_search(qs[i:i + 4], 5)]
     assert results == undisturbed
     assert sum("_msearch" in p for _, p, _ in front.requests) > 3  # the second batch was retried
@@ -332,8 +335,8 @@ def test_synthesis_fails_clearly_then_resumes_without_loss_or_duplicates(ray_loc
     cfg = synth_cfg(es_world["qa"], out, front.url, "limit=24", "retrieval.batch_size=6")
     with pytest.raises(Exception) as err:
         run_synthesis(cfg)
-    message = elastic.cluster_error_in(err.value)
-    assert message and "did not complete an msearch" in message and "rerun the same command" in message
+    message = str(errors.job_error_in(err.value))
+    assert "did not complete an msearch" in message and "rerun the same command" in message
     before = [r["id"] for r in read_rows(out / "rationales") + read_rows(out / "rejected")]
     assert len(before) < 24
 
@@ -352,12 +355,12 @@ def test_build_fails_clearly_then_a_rerun_completes(ray_local, fresh_noida, make
     corpus, n_good = es_corpus
     front = make_front(fresh_noida, on_request=stop_at(fresh_noida, "_bulk", 2))
     cfg = build_cfg(corpus, tmp_path / "report", front.url)
-    with pytest.raises(elastic.ClusterError, match="did not complete a bulk request.*rerun the same command"):
+    with pytest.raises(errors.ClusterError, match="did not complete a bulk request.*rerun the same command"):
         build_index(cfg)
     fresh_noida.start()
     front.on_request = None
-    with pytest.raises(elastic.ClusterError, match="being loaded"):
-        elastic.check_search_index(test_cluster(front.url), INDEX, "title,text")
+    with pytest.raises(errors.ClusterError, match="being loaded"):
+        es_index.check_search_index(test_cluster(front.url), INDEX, "title,text")
     manifest = build_index(cfg)
     assert manifest["elasticsearch"]["index_was"] == "reused"
     assert manifest["count_check"]["ok"] and manifest["count_check"]["count"] == n_good

@@ -12,7 +12,8 @@ import pytest
 from instructrag_ray import schemas
 from instructrag_ray.answers import has_answer, str_em
 from instructrag_ray.config import EvaluateConfig, SynthesizeConfig, load_config
-from instructrag_ray.evaluate import EvaluationError, run_evaluation
+from instructrag_ray.errors import JobError as EvaluationError
+from instructrag_ray.evaluate import run_evaluation
 from instructrag_ray.synthesize import run_synthesis
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import pytest
 
 from instructrag_ray import schemas
 from instructrag_ray.config import SynthesizeConfig, load_config
-from instructrag_ray.generate import TransformersEngine
+from instructrag_ray.generation.transformers_engine import TransformersEngine
 from instructrag_ray.synthesize import run_synthesis
-from instructrag_ray.write import ResumeConflict
+from instructrag_ray.errors import OutputConflict as ResumeConflict
 
 from faulty_proxy import FaultyProxy
 from local_server import LocalServer
@@ -42,10 +42,13 @@ def qa(world, tmp_path):
     return path, [json.loads(line) for line in lines]
 
 
+def config_args(qa, out, index, *extra):
+    return [f"input={qa}", f"output={out}", f"retrieval.index_path={index}", "generation.max_new_tokens=8",
+            "generation.batch_size=8", "generation.num_cpus=0.25", "progress_interval_s=0", *extra]
+
+
 def config(qa, out, index, *extra):
-    return load_config(SynthesizeConfig, None, [
-        f"input={qa}", f"output={out}", f"retrieval.index_path={index}", "generation.max_new_tokens=8",
-        "generation.batch_size=8", "generation.num_cpus=0.25", "progress_interval_s=0", *extra])
+    return load_config(SynthesizeConfig, None, config_args(qa, out, index, *extra))
 
 
 def openai(url, *extra):
@@ -151,12 +154,14 @@ def test_server_errors_reject_only_their_rows(ray_local, index, qa, server, tmp_
     assert again["totals"]["reject_reasons"]["generate:request_rejected"] == 1
 
 
-def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local, tiny_model, index, qa, tmp_path):
+def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local, tiny_model, index, qa, tmp_path,
+                                                                        job_main, capsys):
     qa_path, rows = qa
     server = LocalServer(tiny_model, tmp_path / "server.log").start()
     # blocks of 4 rows all the way (retrieval would bundle them into one), so batches are written as they finish
-    cfg = config(qa_path, tmp_path / "out", index, *openai(server.url, "generation.max_retries=1"),
-                 "generation.batch_size=4", "retrieval.batch_size=4", "generation.concurrency=2")
+    args = config_args(qa_path, tmp_path / "out", index, *openai(server.url, "generation.max_retries=1"),
+                       "generation.batch_size=4", "retrieval.batch_size=4", "generation.concurrency=2")
+    cfg = load_config(SynthesizeConfig, None, args)
 
     def kill_mid_run():  # once some rows are written (or most are done), before the last rows
         written = tmp_path / "out" / "rationales"
@@ -168,8 +173,12 @@ def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local
     killer = threading.Thread(target=kill_mid_run, daemon=True)
     killer.start()
     try:
-        with pytest.raises(Exception, match="did not answer"):
-            run_synthesis(cfg)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:  # the job as a user runs it: one line, exit status 2
+            job_main("synthesize")(args)
+        assert exit_.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "did not answer" in errors[0] and "rerun the same command" in errors[0], errors
         killer.join(timeout=5)
         first_good, first_bad = read(tmp_path / "out" / "rationales"), read(tmp_path / "out" / "rejected")
         assert not (tmp_path / "out" / "manifest.json").exists()

@@ -2,7 +2,6 @@
 tantivy index: schemas, counts, reject reasons, resume, manifest, and read-back by other tools."""
 
 import json
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -68,7 +67,7 @@ def test_synthesis_end_to_end_then_resume(ray_local, tiny_model, index, qa_file,
     given = next(r for r in good if r["id"] == "given-1")
     assert given["ctxs_source"] == "given" and given["ctxs"][0]["score"] == 3.5
     assert all(r["ctxs_source"] == "retrieved" for r in good if r["id"] != "given-1")
-    assert all(r["generator"] == f"transformers:tiny" and r["prompt"].startswith("<|begin_of_text|>") for r in good)
+    assert all(r["generator"] == "transformers:tiny" and r["prompt"].startswith("<|begin_of_text|>") for r in good)
     assert all(0 < r["completion_tokens"] <= 8 and r["finish_reason"] in ("stop", "length") for r in good)
 
     m = json.loads((out / "manifest.json").read_text())
@@ -104,7 +103,7 @@ def test_synthesis_end_to_end_then_resume(ray_local, tiny_model, index, qa_file,
     assert len(ids) == len(set(ids)) == len(good)
 
     # a changed prompt/model setting is refused, unless overwrite
-    from instructrag_ray.write import ResumeConflict
+    from instructrag_ray.errors import OutputConflict as ResumeConflict
 
     with pytest.raises(ResumeConflict, match="overwrite=true"):
         run_synthesis(config(qa, out, index, "prompt.num_docs=3"))

@@ -10,7 +10,9 @@ import pytest
 
 from instructrag_ray.config import SynthesizeConfig, TrainConfig, load_config
 from instructrag_ray.synthesize import run_synthesis
-from instructrag_ray.train import OutputConflict, read_metrics, run_training
+from instructrag_ray.errors import OutputConflict
+from instructrag_ray.sft import job
+from instructrag_ray.sft.job import read_metrics, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -83,8 +85,32 @@ def zero2(rationales, tmp_path_factory):
 def zero3(rationales, tmp_path_factory):
     """ZeRO-3 with checkpoints every 2 steps; the last worker dies before step 6 (Ray Train restarts it)."""
     out = tmp_path_factory.mktemp("zero3") / "sft"
-    manifest = run_training(train_config(rationales, out, "deepspeed.zero_stage=3", "checkpoint_every=2"),
-                            fail_at_step=6)
+
+    def loop_whose_last_worker_dies_before_step_6(config):
+        # Runs on the workers (a nested function, so Ray pickles it by value). On a fresh start the last
+        # worker exits in its 6th optimizer step; FailureConfig restarts the group from the checkpoint.
+        import os
+
+        import ray.train
+
+        from instructrag_ray.sft import loop
+
+        ctx = ray.train.get_context()
+        if ray.train.get_checkpoint() is None and ctx.get_world_rank() == ctx.get_world_size() - 1:
+            real, calls = loop.train_step, []
+
+            def dying_step(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 6:
+                    os._exit(1)
+                return real(*args, **kwargs)
+
+            loop.train_step = dying_step
+        loop.train_loop_per_worker(config)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job, "train_loop_per_worker", loop_whose_last_worker_dies_before_step_6)
+        manifest = run_training(train_config(rationales, out, "deepspeed.zero_stage=3", "checkpoint_every=2"))
     return out, manifest
 
 

@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from instructrag_ray.config import JOB_CONFIGS, load_config, parse_resources
-from instructrag_ray.elastic import ENV_API_KEY, ENV_PASSWORD, ENV_USERNAME
+from instructrag_ray.retrieval.elastic.client import ENV_API_KEY, ENV_PASSWORD, ENV_USERNAME
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

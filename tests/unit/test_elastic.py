@@ -13,9 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import elasticsearch
 import pytest
 
-from instructrag_ray import elastic
+from instructrag_ray import errors
+from instructrag_ray.retrieval.elastic import bulk as es_bulk
+from instructrag_ray.retrieval.elastic import client as es_client
+from instructrag_ray.retrieval.elastic import index as es_index
+from instructrag_ray.retrieval.elastic import search as es_search
 from instructrag_ray.config import BuildIndexConfig, ConfigError, SynthesizeConfig, describe, load_config, to_dict
-from instructrag_ray.retrieve import QueryFailure, Retriever, analyze, make_retriever
+from instructrag_ray.retrieval.base import QueryFailure, Retriever, analyze
+from instructrag_ray.retrieval.stage import make_retriever, retriever_options
 
 CLIENT_MAJOR = int(elasticsearch.__versionstr__.split(".")[0])
 INDEX = "passages"
@@ -100,7 +105,7 @@ def version_server(number, flavor="default"):
 
 
 def cl(url, **kw):
-    return elastic.cluster(url, max_retries=kw.pop("max_retries", 3), retry_backoff_s=0.01, environ=kw.pop("environ", {}),
+    return es_client.cluster(url, max_retries=kw.pop("max_retries", 3), retry_backoff_s=0.01, environ=kw.pop("environ", {}),
                            **kw)
 
 
@@ -110,42 +115,42 @@ def cl(url, **kw):
 def test_query_is_the_documented_structure():
     fields = {"title": 0.5, "text": 1.0}
     assert analyze("What's up, up?") == ["what", "s", "up", "up"]
-    assert elastic.es_query("What's up, up?", fields) == {"bool": {"should": [
+    assert es_search.es_query("What's up, up?", fields) == {"bool": {"should": [
         {"bool": {"should": [{"term": {"title": "what"}}, {"term": {"title": "s"}}, {"term": {"title": "up"}},
                              {"term": {"title": "up"}}], "boost": 0.5}},
         {"bool": {"should": [{"term": {"text": "what"}}, {"term": {"text": "s"}}, {"term": {"text": "up"}},
                              {"term": {"text": "up"}}], "boost": 1.0}}]}}
-    assert elastic.es_query("?! ...", fields) is None
-    assert elastic.es_query("a b", {"text": 2.0}, "match") == {"bool": {"should": [
+    assert es_search.es_query("?! ...", fields) is None
+    assert es_search.es_query("a b", {"text": 2.0}, "match") == {"bool": {"should": [
         {"match": {"text": {"query": "a b", "boost": 2.0}}}]}}
-    assert elastic.search_request({"match_all": {}}, 7) == {
+    assert es_search.search_request({"match_all": {}}, 7) == {
         "query": {"match_all": {}}, "size": 7, "sort": ["_score", {"id": "asc"}], "track_scores": True,
         "track_total_hits": False, "_source": ["id", "title", "text"]}
 
 
 def test_index_definition():
-    d = elastic.index_definition("tantivy", shards=3, k1=1.2, b=0.75)
+    d = es_index.index_definition("tantivy", shards=3, k1=1.2, b=0.75)
     s, m = d["settings"], d["mappings"]
     assert (s["number_of_shards"], s["number_of_replicas"], s["refresh_interval"]) == (3, 0, "-1")
-    assert s["similarity"] == {elastic.SIMILARITY: {"type": "BM25", "k1": 1.2, "b": 0.75}}
-    assert s["analysis"]["analyzer"][elastic.ANALYZER] == {
-        "type": "custom", "tokenizer": elastic._TOKENIZER, "filter": [elastic._LONG_FILTER, "lowercase"]}
-    assert s["analysis"]["filter"][elastic._LONG_FILTER] == {"type": "length", "max": 39}
+    assert s["similarity"] == {es_index.SIMILARITY: {"type": "BM25", "k1": 1.2, "b": 0.75}}
+    assert s["analysis"]["analyzer"][es_index.ANALYZER] == {
+        "type": "custom", "tokenizer": es_index._TOKENIZER, "filter": [es_index._LONG_FILTER, "lowercase"]}
+    assert s["analysis"]["filter"][es_index._LONG_FILTER] == {"type": "length", "max": 39}
     assert m["dynamic"] == "strict" and m["_meta"] == {"instructrag_ray": {"state": "loading"}}
     assert m["properties"]["id"] == {"type": "keyword"}
     for f in ("title", "text"):
-        assert m["properties"][f] == {"type": "text", "analyzer": elastic.ANALYZER, "similarity": elastic.SIMILARITY,
+        assert m["properties"][f] == {"type": "text", "analyzer": es_index.ANALYZER, "similarity": es_index.SIMILARITY,
                                       "index_options": "freqs"}
-    assert elastic.index_definition("english")["mappings"]["properties"]["text"]["analyzer"] == "english"
+    assert es_index.index_definition("english")["mappings"]["properties"]["text"]["analyzer"] == "english"
 
 
 def test_bulk_requests_are_cut_by_documents_and_bytes():
     passages = [{"id": str(i), "title": "", "text": "x" * 100} for i in range(10)]
-    assert [len(c) for c in elastic._chunks(passages, max_docs=4, max_bytes=10**6)] == [4, 4, 2]
-    one = len(next(elastic._chunks(passages[:1], 1, 10**6))[0][1])
-    assert [len(c) for c in elastic._chunks(passages, max_docs=100, max_bytes=3 * one)] == [3, 3, 3, 1]
-    assert [len(c) for c in elastic._chunks(passages, max_docs=100, max_bytes=1)] == [1] * 10  # a big one goes alone
-    lines = next(elastic._chunks([{"id": "é", "title": "t", "text": "x"}], 1, 100))[0][1].decode().splitlines()
+    assert [len(c) for c in es_bulk._chunks(passages, max_docs=4, max_bytes=10**6)] == [4, 4, 2]
+    one = len(next(es_bulk._chunks(passages[:1], 1, 10**6))[0][1])
+    assert [len(c) for c in es_bulk._chunks(passages, max_docs=100, max_bytes=3 * one)] == [3, 3, 3, 1]
+    assert [len(c) for c in es_bulk._chunks(passages, max_docs=100, max_bytes=1)] == [1] * 10  # a big one goes alone
+    lines = next(es_bulk._chunks([{"id": "é", "title": "t", "text": "x"}], 1, 100))[0][1].decode().splitlines()
     assert [json.loads(line) for line in lines] == [{"index": {"_id": "é"}}, {"id": "é", "title": "t", "text": "x"}]
 
 
@@ -154,13 +159,13 @@ def test_bulk_requests_are_cut_by_documents_and_bytes():
 
 def test_credentials_come_from_config_else_environment_and_never_show():
     env = {"ES_API_KEY": "env-key", "ES_USERNAME": "u", "ES_PASSWORD": "env-pw"}
-    c = elastic.cluster("https://h:9200", environ=env)
+    c = es_client.cluster("https://h:9200", environ=env)
     assert (c.api_key, c.username, c.password, c.auth) == ("env-key", "", "", "api_key")  # an API key wins
-    c = elastic.cluster("https://h:9200", api_key="cfg-key", environ=env)
+    c = es_client.cluster("https://h:9200", api_key="cfg-key", environ=env)
     assert c.api_key == "cfg-key"
-    c = elastic.cluster("https://h:9200", environ={"ES_USERNAME": "u", "ES_PASSWORD": "pw"})
+    c = es_client.cluster("https://h:9200", environ={"ES_USERNAME": "u", "ES_PASSWORD": "pw"})
     assert (c.username, c.password, c.auth) == ("u", "pw", "basic")
-    c = elastic.cluster("https://a:9200, https://b:9200", api_key="secret-key", password="secret-pw", environ={})
+    c = es_client.cluster("https://a:9200, https://b:9200", api_key="secret-key", password="secret-pw", environ={})
     assert c.hosts == ["https://a:9200", "https://b:9200"]
     assert "secret" not in repr(c) and "secret" not in str(c)
 
@@ -173,8 +178,8 @@ def test_credentials_come_from_config_else_environment_and_never_show():
     ("https://h:9200", {"ca_certs": "/no/such/ca.pem"}, "es_ca_certs=/no/such/ca.pem is not a file"),
 ])
 def test_bad_connection_settings_name_the_key(url, kwargs, message):
-    with pytest.raises(elastic.ClusterError, match=message) as err:
-        elastic.cluster(url, environ={}, **kwargs)
+    with pytest.raises(errors.ClusterError, match=message) as err:
+        es_client.cluster(url, environ={}, **kwargs)
     assert "hunter2" not in str(err.value)
 
 
@@ -194,10 +199,10 @@ def test_retriever_options_are_plain_values(monkeypatch):
     monkeypatch.setenv("ES_API_KEY", "from-env")
     cfg = load_config(SynthesizeConfig, None, ["input=i", "output=o", "retrieval.backend=elasticsearch",
                                                "retrieval.es_index=wiki", "retrieval.es_url=https://h:9200"])
-    options = cfg.retrieval.retriever_options()
+    options = retriever_options(cfg.retrieval)
     assert options["es_index"] == "wiki" and options["es_cluster"].api_key == "from-env"
     assert options["es_cluster"].keys == "retrieval.es_"
-    assert load_config(SynthesizeConfig, None, ["input=i", "output=o"]).retrieval.retriever_options() == {
+    assert retriever_options(load_config(SynthesizeConfig, None, ["input=i", "output=o"]).retrieval) == {
         "backend": "tantivy", "index_path": "", "fields": "title,text"}
     with pytest.raises(ValueError, match="unknown retrieval backend 'x'"):
         make_retriever("x")
@@ -216,22 +221,26 @@ def test_build_config_validation(overrides, message):
 
 
 def test_backoff_doubles_with_jitter_and_a_cap():
-    c = elastic.cluster("http://h:9200", retry_backoff_s=1.0, environ={})
+    c = es_client.cluster("http://h:9200", retry_backoff_s=1.0, environ={})
     for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 30)]:
-        waits = [elastic.backoff_s(c, attempt) for _ in range(50)]
+        waits = [es_client.backoff_s(c, attempt) for _ in range(50)]
         assert all(base * 0.5 <= w <= base for w in waits)
 
 
-def test_cluster_error_is_found_in_a_ray_traceback():
-    text = ("ray::MapWorker(MapBatches(RetrieveStage)).submit()\n  File ...\n"
-            "instructrag_ray.elastic.ClusterUnavailable: Elasticsearch at http://h:9200 did not complete x\n\n"
-            "The above exception was the direct cause of the following exception:\nUserCodeException: UDF failed")
-    assert elastic.cluster_error_in(RuntimeError(text)) == "Elasticsearch at http://h:9200 did not complete x"
-    assert elastic.cluster_error_in(RuntimeError("something else")) is None
+def test_job_errors_are_found_in_exception_chains():
+    class RayLikeWrapper(Exception):  # Ray's RayTaskError keeps the remote exception in .cause
+        def __init__(self, cause):
+            super().__init__("ray::MapWorker(MapBatches(RetrieveStage)).submit() ... long traceback")
+            self.cause = cause
+
+    outage = errors.ClusterUnavailable("Elasticsearch at http://h:9200 did not complete x\nFailed to apply UDF")
+    assert errors.job_error_in(RayLikeWrapper(outage)) is outage
+    assert errors.one_line(outage) == "Elasticsearch at http://h:9200 did not complete x"
+    assert errors.job_error_in(RuntimeError("something else")) is None
     try:
-        raise ValueError("wrapped") from elastic.ClusterError("the line")
+        raise ValueError("wrapped") from errors.ClusterError("the line")
     except ValueError as e:
-        assert elastic.cluster_error_in(e) == "the line"
+        assert str(errors.job_error_in(e)) == "the line"
 
 
 # --- versions, credentials, product ------------------------------------------------------------------
@@ -242,13 +251,13 @@ def test_cluster_error_is_found_in_a_ray_traceback():
 def test_client_server_pairs(stub, number, flavor, capsys):
     server = stub(version_server(number, flavor))
     major = int(number.split(".")[0])
-    supported = flavor == "serverless" or (CLIENT_MAJOR, major) in elastic.SUPPORTED_PAIRS
+    supported = flavor == "serverless" or (CLIENT_MAJOR, major) in es_client.SUPPORTED_PAIRS
     if supported:
-        client, got = elastic.connect(cl(server.url))
+        client, got = es_client.connect(cl(server.url))
         assert got["version"]["number"] == number
         return
-    with pytest.raises(elastic.ClusterError) as err:
-        elastic.connect(cl(server.url))
+    with pytest.raises(errors.ClusterError) as err:
+        es_client.connect(cl(server.url))
     message = str(err.value)
     assert f"is Elasticsearch {number} and the installed elasticsearch client is {elasticsearch.__versionstr__}" in message
     assert "Elasticsearch 8 needs the 8.x client (pip install 'elasticsearch>=8.15,<9')" in message
@@ -260,7 +269,7 @@ def test_a_server_that_accepts_a_newer_client_is_let_through_with_a_note(stub, c
     server = stub(lambda *a: (200, info(f"{CLIENT_MAJOR - 1}.15.3")))
     if CLIENT_MAJOR - 1 < 8:
         pytest.fail("the test assumes a client of major 9 or later")  # pragma: no cover
-    elastic.connect(cl(server.url))
+    es_client.connect(cl(server.url))
     assert "which the" in capsys.readouterr().out
 
 
@@ -271,33 +280,33 @@ def unauthorized(method, path, headers, body):
 
 def test_credentials_are_sent_and_refusals_say_what_to_fix(stub):
     server = stub(unauthorized)
-    with pytest.raises(elastic.ClusterError, match="wants credentials.*set ES_API_KEY, or ES_USERNAME and ES_PASSWORD"):
-        elastic.connect(cl(server.url))
-    with pytest.raises(elastic.ClusterError, match="refused the credentials .*401 security_exception.*check the API key"):
-        elastic.connect(cl(server.url, api_key="k-123"))
-    with pytest.raises(elastic.ClusterError, match="check the username and password") as err:
-        elastic.connect(cl(server.url, username="ann", password="pw-456"))
+    with pytest.raises(errors.ClusterError, match="wants credentials.*set ES_API_KEY, or ES_USERNAME and ES_PASSWORD"):
+        es_client.connect(cl(server.url))
+    with pytest.raises(errors.ClusterError, match="refused the credentials .*401 security_exception.*check the API key"):
+        es_client.connect(cl(server.url, api_key="k-123"))
+    with pytest.raises(errors.ClusterError, match="check the username and password") as err:
+        es_client.connect(cl(server.url, username="ann", password="pw-456"))
     assert "pw-456" not in str(err.value)
     auths = [headers.get("authorization") for _, _, headers, _ in server.requests]
     assert auths == [None, "ApiKey k-123", "Basic " + base64.b64encode(b"ann:pw-456").decode()]
 
     forbidden = stub(lambda *a: (403, {"error": {"type": "security_exception", "reason": "action [x] is unauthorized"},
                                        "status": 403}))
-    with pytest.raises(elastic.ClusterError, match="lack of a privilege.*'read' on the index"):
-        elastic.connect(cl(forbidden.url, api_key="k"))
+    with pytest.raises(errors.ClusterError, match="lack of a privilege.*'read' on the index"):
+        es_client.connect(cl(forbidden.url, api_key="k"))
 
 
 def test_a_server_that_is_not_elasticsearch(stub):
     server = stub(lambda *a: (200, info("9.0.0"), {"X-Elastic-Product": None}))
-    with pytest.raises(elastic.ClusterError, match="is not Elasticsearch"):
-        elastic.connect(cl(server.url))
+    with pytest.raises(errors.ClusterError, match="is not Elasticsearch"):
+        es_client.connect(cl(server.url))
 
 
 # --- msearch and bulk against a stub cluster ------------------------------------------------------------
 
 
 def index_spec():
-    d = elastic.index_definition()
+    d = es_index.index_definition()
     d["mappings"]["_meta"] = {"instructrag_ray": {"state": "complete"}}
     return {INDEX: {"aliases": {}, "mappings": d["mappings"], "settings": {"index": d["settings"]}}}
 
@@ -331,7 +340,7 @@ def test_msearch_retries_the_request_and_transient_searches_and_rejects_only_bad
         return 200, info(f"{CLIENT_MAJOR}.0.0")
 
     server = stub(respond)
-    retriever = elastic.ElasticsearchRetriever(cl(server.url), INDEX, "title,text", max_concurrent_searches=3)
+    retriever = es_search.ElasticsearchRetriever(cl(server.url), INDEX, "title,text", max_concurrent_searches=3)
     assert isinstance(retriever, Retriever) and retriever.query_mode == "terms"
     results = retriever.batch_search(["paris", "berlin", "?!", "rome", None], 2)
     assert [h.id for h in results[0]] == ["a", "b"] and results[0][0].title == "Ta" and results[0][0].score == 2.0
@@ -347,8 +356,8 @@ def test_msearch_retries_the_request_and_transient_searches_and_rejects_only_bad
 def test_a_cluster_that_stays_down_stops_with_one_line(stub):
     server = stub(lambda m, p, h, b: (503, {"error": {"type": "unavailable", "reason": "x"}, "status": 503})
                   if "_msearch" in p else (200, index_spec() if p.startswith(f"/{INDEX}") else info("9.0.0")))
-    retriever = elastic.ElasticsearchRetriever(cl(server.url, max_retries=2), INDEX)
-    with pytest.raises(elastic.ClusterUnavailable, match=r"did not complete an msearch of 1 searches after 3 tries \(503"):
+    retriever = es_search.ElasticsearchRetriever(cl(server.url, max_retries=2), INDEX)
+    with pytest.raises(errors.ClusterUnavailable, match=r"did not complete an msearch of 1 searches after 3 tries \(503"):
         retriever.batch_search(["paris"], 3)
 
 
@@ -373,11 +382,12 @@ def test_bulk_resends_busy_documents_and_rejects_refused_ones(stub):
     server = stub(respond)
     c = cl(server.url)
     passages = [{"id": i, "title": "", "text": "x"} for i in ("ok", "busy", "bad")]
-    stats = elastic.bulk_index(c.client(), c, INDEX, passages, max_docs=10)
+    stats = es_bulk.bulk_index(c.client(), c, INDEX, passages, max_docs=10)
     assert (stats.indexed, stats.requests, stats.retries) == (2, 2, 1)
     assert stats.rejected == [{"id": "bad", "code": "elasticsearch:document_parsing_exception",
                                "reason": "Elasticsearch refused the document (400 document_parsing_exception: "
-                                         "failed to parse field [text])"}]
+                                         "failed to parse field [text])",
+                               "original": '{"id": "bad", "title": "", "text": "x"}'}]
     assert [a["index"]["_id"] for a in bodies[1][0::2]] == ["busy"]
     assert "/passages/_bulk" in server.requests[0][1]
 
@@ -385,5 +395,5 @@ def test_bulk_resends_busy_documents_and_rejects_refused_ones(stub):
 def test_bulk_stops_when_the_cluster_keeps_refusing(stub):
     server = stub(lambda *a: (200, {"errors": True, "items": [{"index": {"status": 429}}]}))
     c = cl(server.url, max_retries=2)
-    with pytest.raises(elastic.ClusterUnavailable, match="kept refusing 1 documents.*lower es_writers or es_bulk_docs"):
-        elastic.bulk_index(c.client(), c, INDEX, [{"id": "a", "title": "", "text": "x"}])
+    with pytest.raises(errors.ClusterUnavailable, match="kept refusing 1 documents.*lower es_writers or es_bulk_docs"):
+        es_bulk.bulk_index(c.client(), c, INDEX, [{"id": "a", "title": "", "text": "x"}])

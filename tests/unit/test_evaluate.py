@@ -11,9 +11,9 @@ import pytest
 
 from instructrag_ray import prompts, read, schemas
 from instructrag_ray.config import ConfigError, EvaluateConfig, load_config
-from instructrag_ray.evaluate import (NO_RETRIEVAL_QUESTION, EvaluationError, PromptStage, check_model,
-                                      load_demo_pool, method_parts, prepare_output, score_batch, select_demos,
-                                      short_answer)
+from instructrag_ray.demos import load_demo_pool, select_demos, short_answer
+from instructrag_ray.errors import JobError as EvaluationError
+from instructrag_ray.evaluate import NO_RETRIEVAL_QUESTION, PromptStage, check_model, method_parts, prepare_output, score_batch
 
 DOCS = [{"id": "d2", "title": "B", "text": "Bravo.", "score": 1.0}, {"id": "d1", "title": "A", "text": "Alpha.", "score": 2.0}]
 DEMOS = [{"id": "x1", "question": "Who wrote Emma?", "rationale": "Document 1 says Austen. So: Jane Austen.",

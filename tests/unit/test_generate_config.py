@@ -6,7 +6,8 @@ import json
 import pytest
 
 from instructrag_ray.config import ConfigError, SynthesizeConfig, load_config, to_dict
-from instructrag_ray.generate import Secret
+from instructrag_ray.generation.base import Secret
+from instructrag_ray.generation.stage import engine_options
 
 BASE = ["input=qa.jsonl", "output=out"]
 SERVER = ["generation.engine=openai", "generation.base_url=http://127.0.0.1:8000/v1"]
@@ -45,13 +46,13 @@ def test_engine_server_model_sampling_and_stop_settings_shape_the_fingerprint(mo
 def test_engine_options_carry_the_key_as_a_secret_and_split_the_rate(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-secret-value")
     c = cfg(*SERVER, "generation.api_key_env=MY_KEY", "generation.max_requests_per_s=10", "generation.max_actors=4")
-    options = c.generation.engine_options()
+    options = engine_options(c.generation, c.generation.model, 5)
     assert options["engine"] == "openai" and options["model"] == "tiny"
     assert isinstance(options["openai"]["api_key"], Secret) and options["openai"]["api_key"].reveal() == "sk-secret-value"
     assert options["openai"]["max_requests_per_s"] == 2.5
     assert "sk-secret-value" not in repr(options) and "sk-secret-value" not in json.dumps(to_dict(c), default=str)
-    assert "openai" not in cfg().generation.engine_options()
-    assert cfg().generation.engine_options(model="/m")["model"] == "/m"
+    assert "openai" not in engine_options(cfg().generation, "tiny", 5)
+    assert engine_options(cfg().generation, "/m", 5)["model"] == "/m"
 
 
 @pytest.mark.parametrize("overrides, message", [

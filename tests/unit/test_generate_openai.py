@@ -9,9 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from instructrag_ray.generate import Completion, EngineUnavailable, Failure, GenerateStage, Secret, read_api_key
-from instructrag_ray.generate_openai import OpenAIEngine, backoff_s
-from instructrag_ray.tiny_model import resolve_model
+from instructrag_ray.errors import EngineUnavailable
+from instructrag_ray.generation.base import Completion, Failure, Secret, read_api_key
+from instructrag_ray.generation.stage import GenerateStage
+from instructrag_ray.generation.openai_engine import OpenAIEngine, backoff_s
+from instructrag_ray.models import resolve_model
 
 KEY = "sk-test-0123456789-secret"
 

@@ -3,11 +3,13 @@
 import pyarrow as pa
 import pytest
 
-from instructrag_ray import generate_vllm
-from instructrag_ray.batches import output_field
+from instructrag_ray.generation import vllm_engine as generate_vllm
+from instructrag_ray.rows import output_field
 from instructrag_ray.config import GenerationConfig
-from instructrag_ray.generate import load_tokenizer_and_stops
-from instructrag_ray.generate_vllm import engine_kwargs, sampling_params, vllm_requests, vllm_results
+from instructrag_ray.errors import InputError
+from instructrag_ray.generation.stage import vllm_options
+from instructrag_ray.generation.base import load_tokenizer_and_stops
+from instructrag_ray.generation.vllm_engine import engine_kwargs, sampling_params, vllm_requests, vllm_results
 
 CTX = pa.list_(pa.struct([("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("score", pa.float64())]))
 
@@ -82,7 +84,7 @@ def test_engine_arguments():
     kw = engine_kwargs(max_model_len=8192, dtype="float16", seed=0, tensor_parallel_size=1, pipeline_parallel_size=1,
                        gpu_memory_utilization=0.9, max_num_seqs=64)
     assert kw["max_model_len"] == 8192 and kw["max_num_seqs"] == 64 and kw["dtype"] == "float16"
-    opts = GenerationConfig(engine="vllm", max_actors=3, tensor_parallel_size=2).vllm_options()
+    opts = vllm_options(GenerationConfig(engine="vllm", max_actors=3, tensor_parallel_size=2), "tiny")
     assert opts["max_actors"] == 3 and opts["tensor_parallel_size"] == 2 and opts["model"] == "tiny"
 
 
@@ -90,5 +92,5 @@ def test_without_vllm_the_engine_names_the_extra(monkeypatch):
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"instructrag-ray\[vllm\]"):
+    with pytest.raises(InputError, match=r"instructrag-ray\[vllm\]"):
         generate_vllm._require_vllm()

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from instructrag_ray import read
+from instructrag_ray.errors import InputError
 from instructrag_ray.read import RowError, load_record, parse_record
 
 RAW = Path(__file__).resolve().parents[3] / "shared" / "data" / "raw"
@@ -112,10 +113,10 @@ def test_hf_dataset_on_disk(tmp_path):
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         list(read.iter_raw(tmp_path / "nope.jsonl"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no"):
+    with pytest.raises(InputError, match="holds no"):
         list(read.iter_raw(tmp_path / "empty"))
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for instructrag_ray.retrieve: BM25 on tantivy, corpus layouts, rejects, sharing."""
+"""Unit tests for instructrag_ray.retrieval (base, corpus, tantivy_index): BM25 on tantivy, corpus layouts, rejects, sharing."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from instructrag_ray.retrieve import (
-    Hit,
-    QueryFailure,
-    Retriever,
-    TantivyRetriever,
-    analyze,
-    build_tantivy_index,
-    parse_fields,
-    read_corpus,
-)
+from instructrag_ray.errors import InputError, OutputConflict
+from instructrag_ray.retrieval.base import Hit, QueryFailure, Retriever, analyze, parse_fields
+from instructrag_ray.retrieval.corpus import read_corpus
+from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index
 
 K1, B = 1.2, 0.75
 REPO = Path(__file__).resolve().parents[2]
@@ -280,6 +274,16 @@ def test_read_jsonl_and_gz(tmp_path):
     assert list(read_corpus(write_jsonl(tmp_path / "c.jsonl.gz", records, gzip.open))) == expected
 
 
+def without_original(passages):
+    """read_corpus's output with each reject's `_original` (the record as read) checked and dropped."""
+    out = []
+    for p in passages:
+        if "_reject" in p:
+            assert isinstance(p.pop("_original"), str)
+        out.append(p)
+    return out
+
+
 def test_read_flashrag_contents_layout(tmp_path):
     records = [
         {"id": "0", "contents": "\"Evan Morris\"\nEvan Morris Evan L. Morris (January 26, 1977 \u2013 July 9, 2015) was a lobbyist."},
@@ -288,7 +292,7 @@ def test_read_flashrag_contents_layout(tmp_path):
         {"id": "3", "contents": "\"\"\nquoted empty title"},
         {"id": "4"},
     ]
-    got = list(read_corpus(write_jsonl(tmp_path / "sample_data.jsonl", records)))
+    got = without_original(read_corpus(write_jsonl(tmp_path / "sample_data.jsonl", records)))
     assert got[:4] == [
         {"id": "0", "title": "Evan Morris",
          "text": "Evan Morris Evan L. Morris (January 26, 1977 \u2013 July 9, 2015) was a lobbyist."},
@@ -310,7 +314,7 @@ def test_read_dpr_tsv_and_gz(tmp_path):
     with gzip.open(tmp_path / "psgs_w100.tsv.gz", "wt", encoding="utf-8") as f:
         f.write(content)
     for name in ("psgs_w100.tsv", "psgs_w100.tsv.gz"):
-        got = list(read_corpus(tmp_path / name))
+        got = without_original(read_corpus(tmp_path / name))
         assert got == [
             {"id": "1", "title": "Aaron", "text": 'Aaron Aaron ( or ; "Ahärôn") is a prophet.'},
             {"id": "2", "title": "Second title", "text": "plain text, no quotes"},
@@ -328,7 +332,7 @@ def test_read_tsv_without_header_is_an_error(tmp_path):
 def test_read_parquet(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b", None], "title": ["T", None, "U"], "text": ["x y", "z", "w"]}),
                    tmp_path / "c.parquet")
-    assert list(read_corpus(tmp_path / "c.parquet")) == [
+    assert without_original(read_corpus(tmp_path / "c.parquet")) == [
         {"id": "a", "title": "T", "text": "x y"},
         {"id": "b", "title": "", "text": "z"},
         {"id": None, "_reject": "row 3: no id"},
@@ -346,18 +350,18 @@ def test_read_corpus_directory(tmp_path):
     write_jsonl(shards / "a.jsonl", [{"id": "1", "text": "one"}, {"id": "2"}])
     write_jsonl(shards / "b" / "c.jsonl", [{"id": "3", "contents": '"T"\nthree'}])  # its own layout
     (shards / "notes.txt").write_text("ignored")
-    assert list(read_corpus(shards)) == [
+    assert without_original(read_corpus(shards)) == [
         {"id": "1", "title": "", "text": "one"},
         {"id": "2", "_reject": "a.jsonl line 2: no text"},
         {"id": "3", "title": "T", "text": "three"},
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no .jsonl"):
+    with pytest.raises(InputError, match="holds no .jsonl"):
         read_corpus(tmp_path / "empty")
 
 
 def test_read_corpus_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_corpus(tmp_path / "missing.jsonl")
     (tmp_path / "c.csv").write_text("id,text\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"unknown extension; supported: \.jsonl"):
@@ -377,7 +381,7 @@ def test_bad_passages_are_yielded_as_rejects(tmp_path):
         "[1, 2]",
         "",
     ]
-    got = list(read_corpus(write_jsonl(tmp_path / "c.jsonl", lines)))
+    got = without_original(read_corpus(write_jsonl(tmp_path / "c.jsonl", lines)))
     assert got == [
         {"id": "ok", "title": "T", "text": "fine"},
         {"id": "no-text", "_reject": "line 2: no text"},
@@ -398,17 +402,19 @@ def test_build_counts_rejects_and_duplicates(tmp_path):
     records = [
         {"id": "a", "title": "A", "text": "alpha"},
         {"id": "b", "title": "B"},  # no text
-        {"id": "x", "_reject": "line 3: not valid JSON"},  # a reject from read_corpus
+        {"id": "x", "_reject": "line 3: not valid JSON", "_original": "{x"},  # a reject from read_corpus
         {"id": "a", "title": "A2", "text": "alpha again"},
         {"id": "c", "title": None, "text": "gamma"},
     ]
     stats = build_tantivy_index(records, tmp_path / "idx", heap_mb=16)
     assert stats["indexed"] == 2
-    assert stats["rejected"] == [
-        {"id": "b", "reason": "passage 2: no text"},
-        {"id": "x", "reason": "line 3: not valid JSON"},
-        {"id": "a", "reason": "passage 4: duplicate id (the first one is indexed)"},
+    assert [(r["id"], r["_code"], r["_reject"]) for r in stats["rejected"]] == [
+        ("b", "invalid_passage", "passage 2: no text"),
+        ("x", "invalid_passage", "line 3: not valid JSON"),
+        ("a", "duplicate_id", "passage 4: duplicate id (the first one is indexed)"),
     ]
+    assert [r["_original"] for r in stats["rejected"]] == [
+        '{"id": "b", "title": "B"}', "{x", '{"id": "a", "title": "A2", "text": "alpha again"}']
     r = TantivyRetriever(tmp_path / "idx")
     assert r.num_docs == 2
     assert [(h.id, h.title) for h in r.search("alpha", 5)] == [("a", "A")]
@@ -418,13 +424,14 @@ def test_build_counts_rejects_and_duplicates(tmp_path):
 def test_build_from_read_corpus(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "title": "T", "text": "hello"}, {"id": "2"}])
     stats = build_tantivy_index(read_corpus(path), tmp_path / "idx", heap_mb=16)
-    assert stats == {"indexed": 1, "rejected": [{"id": "2", "reason": "line 2: no text"}]}
+    assert stats == {"indexed": 1, "rejected": [{"id": "2", "_reject": "line 2: no text", "_code": "invalid_passage",
+                                                 "_original": '{"id": "2"}'}]}
 
 
 def test_overwrite(tmp_path):
     target = tmp_path / "idx"
     build_tantivy_index([{"id": "1", "text": "old words"}], target, heap_mb=16)
-    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+    with pytest.raises(OutputConflict, match="not empty; pass overwrite=true"):
         build_tantivy_index([{"id": "2", "text": "new words"}], target, heap_mb=16)
     assert [h.id for h in TantivyRetriever(target).search("words", 5)] == ["1"]
     build_tantivy_index([{"id": "2", "text": "new words"}], target, heap_mb=16, overwrite=True)
@@ -436,7 +443,7 @@ def test_overwrite_never_deletes_a_directory_that_is_not_an_index(tmp_path):
     target = tmp_path / "notes"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="holds no tantivy index"):
+    with pytest.raises(OutputConflict, match="holds no tantivy index"):
         build_tantivy_index([{"id": "1", "text": "x"}], target, heap_mb=16, overwrite=True)
     assert (target / "keep.txt").read_text() == "precious"
 
@@ -457,7 +464,7 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 
 def test_missing_index_error_names_path_and_job(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(InputError) as err:
         TantivyRetriever(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(err.value)
     assert "jobs/build_index.py" in str(err.value)
@@ -497,7 +504,7 @@ def test_index_shared_by_retrievers_and_processes(index_dir, retriever):
     other = TantivyRetriever(index_dir, "title,text")
     expected = [(h.id, h.score) for h in retriever.search("capital of France", 4)]
     assert [(h.id, h.score) for h in other.search("capital of France", 4)] == expected
-    code = ("import json, sys; from instructrag_ray.retrieve import TantivyRetriever; "
+    code = ("import json, sys; from instructrag_ray.retrieval.tantivy_index import TantivyRetriever; "
             "r = TantivyRetriever(sys.argv[1]); "
             "print(json.dumps([[h.id, h.score] for h in r.search('capital of France', 4)]))")
     out = subprocess.run([sys.executable, "-c", code, str(index_dir)], cwd=REPO, capture_output=True, text=True,

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from instructrag_ray.answers import has_answer
-from instructrag_ray.synthetic import ASQA, POPQA, TWOWIKI, generate_world, is_train, main, write_world
+from instructrag_ray.testing.synthetic import ASQA, POPQA, TWOWIKI, generate_world, is_train, main, write_world
 
 DATASETS = {POPQA, TWOWIKI, ASQA}
 

@@ -1,4 +1,5 @@
-from instructrag_ray.generate import TEMPLATE_BASELINE, TemplateBaselineEngine
+from instructrag_ray.generation.base import TEMPLATE_BASELINE
+from instructrag_ray.generation.template import TemplateBaselineEngine
 
 CTXS = [{"id": "1", "title": "Paris", "text": "Paris is the capital.", "score": 3.0},
         {"id": "2", "title": "Lyon", "text": "Lyon is a city.", "score": 2.0},

@@ -12,13 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from instructrag_ray import tiny_model
-from instructrag_ray.tiny_model import (
-    TINY_MODEL,
-    ensure_tiny_model,
-    resolve_model,
-    tiny_model_path,
-)
+from instructrag_ray.testing import tiny_model
+from instructrag_ray.config import TINY_MODEL
+from instructrag_ray.models import resolve_model
+from instructrag_ray.testing.tiny_model import ensure_tiny_model, tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +197,8 @@ def test_incomplete_target_is_reported(tmp_path):
         ensure_tiny_model(tmp_path)
 
 
-def test_resolve_model(model_dir):
-    assert resolve_model(TINY_MODEL, cache_dir=model_dir.parent) == str(model_dir)
+def test_resolve_model(model_dir, monkeypatch):
+    monkeypatch.setenv("INSTRUCTRAG_CACHE", str(model_dir.parent))
+    assert resolve_model(TINY_MODEL) == str(model_dir)
     assert resolve_model("/some/dir") == "/some/dir"
     assert resolve_model("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"

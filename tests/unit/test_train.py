@@ -6,9 +6,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from instructrag_ray import prompts, train
+from instructrag_ray import prompts
+from instructrag_ray.sft import examples, job, loop, packing
 from instructrag_ray.config import ConfigError, TrainConfig, load_config
-from instructrag_ray.tiny_model import EOT
+from instructrag_ray.testing.tiny_model import EOT
 
 DOCS = [
     {"id": "1", "title": "Paris", "text": "Paris is the capital of France.", "score": 9.0},
@@ -44,7 +45,7 @@ def decode(tok, ids):
 
 
 def test_labels_cover_exactly_the_rationale_and_end_of_turn(tok):
-    ex = train.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=4096)
+    ex = examples.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=4096)
     labels = ex.labels
     assert len(labels) == len(ex.input_ids) and ex.truncated_tokens == 0 and not ex.question_cut
     n = ex.prompt_tokens
@@ -61,14 +62,14 @@ def test_labels_cover_exactly_the_rationale_and_end_of_turn(tok):
 
 
 def test_the_target_is_what_the_chat_template_adds(tok):
-    parts, target = train.ft_texts(tok, "What is the capital of France", prompts.order_docs(DOCS, 5), RATIONALE)
+    parts, target = examples.ft_texts(tok, "What is the capital of France", prompts.order_docs(DOCS, 5), RATIONALE)
     assert parts.text == FT_USER and target == RATIONALE + EOT
 
 
 def test_long_prompt_loses_documents_from_the_left_and_keeps_the_target(tok):
-    full = train.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=4096)
+    full = examples.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=4096)
     max_length = len(full.input_ids) - 12
-    ex = train.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=max_length)
+    ex = examples.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=max_length)
     assert len(ex.input_ids) <= max_length and ex.truncated_tokens >= 12 and not ex.question_cut
     assert decode(tok, ex.labels[ex.prompt_tokens:]) == RATIONALE + EOT
     prompt = decode(tok, ex.input_ids[:ex.prompt_tokens])
@@ -81,7 +82,7 @@ def test_long_prompt_loses_documents_from_the_left_and_keeps_the_target(tok):
 
 def test_when_even_the_question_does_not_fit_the_prompt_is_cut_from_the_left(tok):
     target = len(tok(RATIONALE + EOT, add_special_tokens=False)["input_ids"])
-    ex = train.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5,
+    ex = examples.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5,
                              max_length=target + 5)
     assert ex.question_cut and ex.prompt_tokens == 5 and len(ex.input_ids) == target + 5
     assert decode(tok, ex.input_ids[ex.prompt_tokens:]) == RATIONALE + EOT
@@ -89,12 +90,12 @@ def test_when_even_the_question_does_not_fit_the_prompt_is_cut_from_the_left(tok
 
 def test_a_target_that_alone_does_not_fit_is_refused(tok):
     target = len(tok(RATIONALE + EOT, add_special_tokens=False)["input_ids"])
-    with pytest.raises(train.TargetTooLong, match="raise data.max_length"):
-        train.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=target)
+    with pytest.raises(examples.TargetTooLong, match="raise data.max_length"):
+        examples.build_example(tok, "What is the capital of France", DOCS, RATIONALE, num_docs=5, max_length=target)
 
 
 def test_example_stage_skips_inconsistent_rows_and_rejects_too_long_targets(tiny_model):
-    stage = train.ExampleStage(model="tiny", num_docs=2, max_length=40, consistent_only=True)
+    stage = examples.ExampleStage(model="tiny", num_docs=2, max_length=40, consistent_only=True)
     rows = [
         {"id": "a", "dataset": "d", "question": "Q?", "answers": ["x"], "ctxs": DOCS, "rationale": "x.",
          "consistent": True},
@@ -104,16 +105,19 @@ def test_example_stage_skips_inconsistent_rows_and_rejects_too_long_targets(tiny
          "consistent": True},
     ]
     out = stage(pa.Table.from_pylist(rows)).to_pylist()
-    assert [r["skip_reason"] for r in out] == [None, "inconsistent", "target_too_long"]
+    assert [r["inconsistent"] for r in out] == [False, True, False]
+    assert [(r["reject_stage"], r["reject_reason"]) for r in out] == [(None, None), (None, None),
+                                                                      ("train", "target_too_long")]
     assert len(out[0]["input_ids"]) <= 40 and out[0]["truncated_tokens"] > 0
-    assert "data.max_length=40" in out[2]["skip_detail"] and json.loads(out[2]["original"])["id"] == "c"
-    everything = train.ExampleStage(model="tiny", num_docs=2, max_length=40, consistent_only=False)
-    assert everything(pa.Table.from_pylist(rows[1:2])).to_pylist()[0]["skip_reason"] is None
+    assert "data.max_length=40" in out[2]["reject_detail"] and json.loads(out[2]["original"])["id"] == "c"
+    assert examples.trainable(stage(pa.Table.from_pylist(rows))).column("id").to_pylist() == ["a"]
+    everything = examples.ExampleStage(model="tiny", num_docs=2, max_length=40, consistent_only=False)
+    assert not everything(pa.Table.from_pylist(rows[1:2])).to_pylist()[0]["inconsistent"]
 
 
 def test_shifted_labels_score_only_target_tokens_within_the_example():
     # tokens 0..4, prompt of 2: positions 1, 2, 3 predict tokens 2, 3, 4; the last position predicts nothing.
-    assert train.shifted_labels([10, 11, 12, 13, 14], 2) == [-100, 12, 13, 14, -100]
+    assert packing.shifted_labels([10, 11, 12, 13, 14], 2) == [-100, 12, 13, 14, -100]
 
 
 def _examples(tok):
@@ -121,7 +125,7 @@ def _examples(tok):
              ("Q", "A."), ("What is the capital of France", RATIONALE), ("Who", "Nobody knows who, really.")]
     out = []
     for q, r in texts:
-        ex = train.build_example(tok, q, DOCS[: 1 + len(q) % 3], r, num_docs=3, max_length=4096)
+        ex = examples.build_example(tok, q, DOCS[: 1 + len(q) % 3], r, num_docs=3, max_length=4096)
         out.append((ex.input_ids, ex.prompt_tokens))
     return out
 
@@ -130,7 +134,7 @@ def _examples(tok):
 def lm_packed_sdpa(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=train.use_packed_sdpa()).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=packing.use_packed_sdpa()).eval()
 
 
 @pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
@@ -142,56 +146,56 @@ def test_packed_batch_gives_each_example_the_same_loss_as_padded(tok, lm, lm_pac
     examples = _examples(tok)
     lengths = [len(ids) for ids, _ in examples]
     assert len(set(lengths)) > 1
-    padded = train.pad_batch(examples, tok.pad_token_id)
-    packed = train.pack_batch(examples, tok.pad_token_id)
+    padded = packing.pad_batch(examples, tok.pad_token_id)
+    packed = packing.pack_batch(examples, tok.pad_token_id)
     assert packed.input_ids.shape == (1, sum(lengths)) and padded.input_ids.shape == (5, max(lengths))
     assert packed.tokens == padded.tokens == sum(lengths) and packed.target_tokens == padded.target_tokens
     with torch.no_grad():
-        lp, lk = train.token_losses(lm, padded), train.token_losses(model, packed)
-    per_padded = train.example_losses(lp, padded, len(examples))
-    per_packed = train.example_losses(lk, packed, len(examples))
+        lp, lk = packing.token_losses(lm, padded), packing.token_losses(model, packed)
+    per_padded = packing.example_losses(lp, padded, len(examples))
+    per_packed = packing.example_losses(lk, packed, len(examples))
     assert per_packed == pytest.approx(per_padded, rel=1e-5, abs=1e-5)
     assert float(lk.sum()) == pytest.approx(float(lp.sum()), rel=1e-5)
     # Each example alone gives the same loss too.
     for i, ex in enumerate(examples):
-        single = train.pad_batch([ex], tok.pad_token_id)
+        single = packing.pad_batch([ex], tok.pad_token_id)
         with torch.no_grad():
-            alone = train.example_losses(train.token_losses(lm, single), single, 1)[0]
+            alone = packing.example_losses(packing.token_losses(lm, single), single, 1)[0]
         assert alone == pytest.approx(per_padded[i], rel=1e-5, abs=1e-5)
     # Control: without the position restarts the packed examples see each other, and losses change.
-    leaky = train.MicroBatch(packed.input_ids, packed.labels, None,
+    leaky = packing.MicroBatch(packed.input_ids, packed.labels, None,
                              torch.arange(packed.input_ids.shape[1]).unsqueeze(0),
                              packed.example_of, packed.tokens, packed.target_tokens)
     with torch.no_grad():
-        per_leaky = train.example_losses(train.token_losses(model, leaky), leaky, len(examples))
+        per_leaky = packing.example_losses(packing.token_losses(model, leaky), leaky, len(examples))
     assert per_leaky != pytest.approx(per_padded, rel=1e-4, abs=1e-4)
 
 
 def test_packed_sdpa_on_padded_rows_is_plain_causal_attention(tok, lm, lm_packed_sdpa):
     import torch
 
-    padded = train.pad_batch(_examples(tok), tok.pad_token_id)
+    padded = packing.pad_batch(_examples(tok), tok.pad_token_id)
     with torch.no_grad():
-        a, b = train.token_losses(lm, padded), train.token_losses(lm_packed_sdpa, padded)
+        a, b = packing.token_losses(lm, padded), packing.token_losses(lm_packed_sdpa, padded)
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_empty_micro_batch_is_a_single_padding_token_without_loss():
-    mb = train.make_micro_batch([], pad_id=5, packing=True)
+    mb = packing.make_micro_batch([], pad_id=5, packing=True)
     assert mb.input_ids.tolist() == [[5]] and mb.target_tokens == 0 and mb.tokens == 1
 
 
 def test_step_plan_covers_every_example_of_a_shard():
-    plan = train.plan_steps(examples=101, world_size=2, micro_batch_size=4, global_batch_size=32, epochs=2,
+    plan = loop.plan_steps(examples=101, world_size=2, micro_batch_size=4, global_batch_size=32, epochs=2,
                             warmup_ratio=0.03)
     assert plan.grad_accum == 4 and plan.shard_examples == 50 and plan.rows_per_step == 16
     assert plan.steps_per_epoch == 4 and plan.total_steps == 8 and plan.warmup_steps == 1
     with pytest.raises(ValueError, match="cannot be split"):
-        train.plan_steps(1, 2, 1, 2, 1, 0.0)
+        loop.plan_steps(1, 2, 1, 2, 1, 0.0)
 
 
 def test_deepspeed_config_from_the_job_config():
-    cfg = train.deepspeed_config(zero_stage=3, micro_batch_size=4, grad_accum=4, world_size=8, learning_rate=2.5e-5,
+    cfg = loop.deepspeed_config(zero_stage=3, micro_batch_size=4, grad_accum=4, world_size=8, learning_rate=2.5e-5,
                                  weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0, precision="bf16")
     assert cfg["train_batch_size"] == 128 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
@@ -199,18 +203,18 @@ def test_deepspeed_config_from_the_job_config():
     opt = cfg["optimizer"]
     assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] and opt["params"]["lr"] == 2.5e-5
     assert opt["params"]["weight_decay"] == 0.0
-    cpu = train.deepspeed_config(zero_stage=2, micro_batch_size=1, grad_accum=1, world_size=2, learning_rate=1e-3,
+    cpu = loop.deepspeed_config(zero_stage=2, micro_batch_size=1, grad_accum=1, world_size=2, learning_rate=1e-3,
                                  weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6, grad_clip=0.0,
-                                 precision=train.resolve_precision("auto", use_gpu=False))
+                                 precision=loop.resolve_precision("auto", use_gpu=False))
     assert cpu["bf16"] == {"enabled": False} and cpu["zero_optimization"] == {"stage": 2}
-    assert train.resolve_precision("auto", use_gpu=True) == "bf16"
+    assert loop.resolve_precision("auto", use_gpu=True) == "bf16"
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
     import torch
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-5)
-    sched = train.lr_schedule(opt, warmup_steps=3, total_steps=100)
+    sched = loop.lr_schedule(opt, warmup_steps=3, total_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -274,6 +278,6 @@ def test_ft_prompt_shows_as_many_documents_as_the_rationales_were_written_with(t
     (synthesis / "rationales").mkdir(parents=True)
     (synthesis / "manifest.json").write_text(json.dumps({"config": {"prompt": {"num_docs": 3}}}))
     for path in (synthesis, synthesis / "rationales", synthesis / "rationales" / "part-1.parquet"):
-        assert train.resolve_num_docs(str(path), 0) == 3
-    assert train.resolve_num_docs(str(synthesis), 2) == 2  # an explicit value wins (with a note)
-    assert train.resolve_num_docs(str(tmp_path / "elsewhere"), 0) == 5  # unknown: the paper's K
+        assert job.resolve_num_docs(str(path), 0) == 3
+    assert job.resolve_num_docs(str(synthesis), 2) == 2  # an explicit value wins (with a note)
+    assert job.resolve_num_docs(str(tmp_path / "elsewhere"), 0) == 5  # unknown: the paper's K

@@ -4,7 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from instructrag_ray import read, schemas, write
+from instructrag_ray import output as write
+from instructrag_ray.errors import OutputConflict
+from instructrag_ray import read, schemas
 
 
 def flight_rows(n_good=2, n_bad=1):
@@ -40,7 +42,7 @@ def test_prepare_output_resumes_refuses_and_overwrites(tmp_path):
     rows[2].update(reject_stage="prompt", reject_reason="prompt_too_long")
     write.write_batch(pa.Table.from_pylist(rows), str(tmp_path), "fp1")
     assert write.prepare_output(str(tmp_path), "fp1", overwrite=False).ids == {"r0", "r1", "r2"}
-    with pytest.raises(write.ResumeConflict, match="overwrite=true"):
+    with pytest.raises(OutputConflict, match="overwrite=true"):
         write.prepare_output(str(tmp_path), "fp2", overwrite=False)
     assert write.prepare_output(str(tmp_path), "fp2", overwrite=True).ids == set()
     assert not list(tmp_path.rglob("*.parquet"))

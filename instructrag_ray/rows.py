@@ -1,4 +1,6 @@
-"""In-flight batches: pyarrow tables whose rows carry the QA columns, the columns each stage adds, and
+"""In-flight rows and the one reject vocabulary of every job.
+
+In-flight batches are pyarrow tables whose rows carry the QA columns, the columns each stage adds, and
 three reject columns (reject_stage, reject_reason, reject_detail; null while the row is healthy).
 
 A stage works on `batch.to_pylist()`, skips rows already rejected, may reject more rows, and returns
@@ -9,15 +11,9 @@ Ray Data's default numpy batches would pickle the nested list columns, hence pya
 
 from __future__ import annotations
 
-import json
-import time
-from collections import Counter
-
 import pyarrow as pa
 
 from . import schemas
-
-REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
 
 
 def ok_rows(rows: list[dict]) -> list[int]:
@@ -91,21 +87,22 @@ def cached_get(ref):
     return _OBJECTS[key]
 
 
-def follow(stats, counters: tuple[str, ...], interval: float, progress) -> dict:
-    """Drive a job's pipeline to its end. Its last stage returns one row per batch with the `counters`
-    and a `reasons` JSON of reject counts; `progress(run, elapsed_s)` is called every `interval` seconds
-    with the sums so far. Returns the sums and `reject_reasons`."""
-    run = dict.fromkeys(counters, 0)
-    reasons: Counter = Counter()
-    start = last = time.time()
-    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            for key in run:
-                run[key] += row[key]
-            reasons.update(json.loads(row["reasons"]))
-        now = time.time()
-        if now - last >= interval:
-            last = now
-            progress(run, now - start)
-    run["reject_reasons"] = dict(sorted(reasons.items()))
-    return run
+# --- the rejected table (schemas/rejected.json), written by every job ---------------------------------
+
+
+def rejected_record(row_id: str, dataset: str | None, stage: str, reason: str, detail: str, original: str,
+                    fingerprint: str) -> dict:
+    """One row of a job's rejected/ table: what was rejected, where (stage), why (a stable reason code and
+    a sentence), and its original content, so nothing is lost."""
+    return {"id": row_id, "dataset": dataset, "stage": stage, "reason": reason, "detail": detail,
+            "original": original, "config_fingerprint": fingerprint}
+
+
+def rejected_table(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=schemas.load("rejected"))
+
+
+def rejects_of(rows: list[dict], fingerprint: str) -> list[dict]:
+    """The rejected-table records of the in-flight rows that carry a reject."""
+    return [rejected_record(r["id"], r["dataset"], r["reject_stage"], r["reject_reason"], r["reject_detail"],
+                            r["original"], fingerprint) for r in rows if r["reject_stage"] is not None]

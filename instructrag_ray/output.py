@@ -1,4 +1,4 @@
-"""Writing outputs: Parquet with explicit schemas, block by block, resume, and the manifest.
+"""Job outputs: Parquet with explicit schemas, block by block, resume scans, and the manifest.
 
 Layout of an output directory:
     rationales/part-*.parquet   schemas/rationales.json
@@ -15,26 +15,30 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
+import sys
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schemas
+from .config import to_dict
+from .errors import OutputConflict
+from .rows import rejected_record, rejected_table
 
 RATIONALES, REJECTED, MANIFEST = "rationales", "rejected", "manifest.json"
 # Rejects that a rerun may turn into rationales (a model server or a search cluster that failed for a
 # while); every other reason is a property of the row and the settings, so a rerun keeps it.
 RETRIED_ON_RESUME = frozenset({("generate", "generation_error"), ("generate", "rate_limited"),
                                ("generate", "server_error"), ("generate", "timeout"), ("retrieve", "search_failed")})
-
-
-class ResumeConflict(RuntimeError):
-    """The output directory holds rows written with other settings."""
 
 
 def write_table(table: pa.Table, directory: Path, prefix: str = "part") -> Path | None:
@@ -49,28 +53,38 @@ def write_table(table: pa.Table, directory: Path, prefix: str = "part") -> Path 
     return directory / name
 
 
-def write_batch(batch: pa.Table, output: str, fingerprint: str) -> pa.Table:
-    """Stage `write`: reads every in-flight column; writes healthy rows to rationales/ and rejected rows
-    to rejected/, each with its explicit schema; returns one stats row for progress and the summary."""
-    rows = batch.to_pylist()
+def write_rows(rows: list[dict], output: str, table: str, schema_name: str,
+               fingerprint_of: Callable[[dict], str]) -> tuple[list[dict], list[dict]]:
+    """Write a batch of in-flight rows: the healthy ones to <output>/<table>/ (schema `schema_name`), the
+    rejected ones to <output>/rejected/, each row stamped with its config fingerprint. Returns both lists."""
     good = [r for r in rows if r["reject_stage"] is None]
     bad = [r for r in rows if r["reject_stage"] is not None]
     out = Path(output)
-    rationale_schema = schemas.load("rationales")
+    schema = schemas.load(schema_name)
     for r in good:
-        r["config_fingerprint"] = fingerprint
-    write_table(pa.Table.from_pylist([{c: r[c] for c in rationale_schema.names} for r in good],
-                                     schema=rationale_schema), out / RATIONALES)
-    rejected = [{"id": r["id"], "dataset": r["dataset"], "stage": r["reject_stage"], "reason": r["reject_reason"],
-                 "detail": r["reject_detail"], "original": r["original"], "config_fingerprint": fingerprint}
-                for r in bad]
-    write_table(pa.Table.from_pylist(rejected, schema=schemas.load("rejected")), out / REJECTED)
-    reasons = Counter(f"{r['reject_stage']}:{r['reject_reason']}" for r in bad)
+        r["config_fingerprint"] = fingerprint_of(r)
+    write_table(pa.Table.from_pylist([{c: r[c] for c in schema.names} for r in good], schema=schema), out / table)
+    write_table(rejected_table([rejected_record(r["id"], r["dataset"], r["reject_stage"], r["reject_reason"],
+                                                r["reject_detail"], r["original"], fingerprint_of(r)) for r in bad]),
+                out / REJECTED)
+    return good, bad
+
+
+def write_batch(batch: pa.Table, output: str, fingerprint: str) -> pa.Table:
+    """Stage `write` of synthesis: reads every in-flight column; writes rationales/ and rejected/; returns
+    one stats row for progress and the summary."""
+    good, bad = write_rows(batch.to_pylist(), output, RATIONALES, "rationales", lambda _: fingerprint)
+    return batch_stats(good, Counter(f"{r['reject_stage']}:{r['reject_reason']}" for r in bad), "consistent")
+
+
+def batch_stats(good: list[dict], reasons: Counter, flag: str) -> pa.Table:
+    """The one stats row a write stage returns (progress.follow sums them): rows written, rejected (and
+    why), how many written rows have `flag` set, and token counts."""
     return pa.table({
         "written": [len(good)],
-        "rejected": [len(bad)],
+        "rejected": [sum(reasons.values())],
         "reasons": [json.dumps(reasons)],
-        "consistent": [sum(bool(r["consistent"]) for r in good)],
+        flag: [sum(bool(r[flag]) for r in good)],
         "prompt_tokens": [sum(r["prompt_tokens"] for r in good)],
         "completion_tokens": [sum(r["completion_tokens"] for r in good)],
     })
@@ -119,7 +133,7 @@ def prepare_output(output: str, fingerprint: str, overwrite: bool) -> ExistingOu
     existing = scan_output(output)
     other = existing.fingerprints - {fingerprint}
     if other and not overwrite:
-        raise ResumeConflict(
+        raise OutputConflict(
             f"{output} holds rows written with other settings (config fingerprint {sorted(other)[0]}, "
             f"now {fingerprint}); use a new --output, or pass overwrite=true to delete them and start again"
         )
@@ -146,6 +160,10 @@ def drop_retried_rejects(output: str) -> None:
             os.replace(tmp, file)
         else:
             file.unlink()
+
+
+def clear_dir(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def clear_output(output: str) -> None:
@@ -188,3 +206,23 @@ def write_manifest(output: str, manifest: dict) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def manifest_header(job: str, cfg) -> dict:
+    """The first keys of every job's manifest: which job, when, its whole config (secrets masked), versions."""
+    return {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": to_dict(cfg),
+            "versions": package_versions()}
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": sys.platform}
+    for name in ("instructrag-ray", "ray", "torch", "transformers", "pyarrow", "tantivy", "elasticsearch",
+                 "deepspeed", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

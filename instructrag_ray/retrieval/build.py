@@ -2,13 +2,13 @@
 
     tantivy        read_corpus -> checked_passages -> build_tantivy_index       (one process)
     elasticsearch  read (one Ray task: read_corpus -> checked_passages, in blocks)
-                   -> bulk (elastic.BulkWriter actors: es_writers of them, one client each)
+                   -> bulk (elastic.bulk.BulkWriter actors: es_writers of them, one client each)
                    -> the driver sums the counts, writes the rejects, checks the count
 
-Both backends write the same report to `output`: rejected/part-*.jsonl (one JSON object per passage
-that was not indexed: id, code, reason; codes `invalid_passage`, `duplicate_id`,
-`elasticsearch:<error type>`) and manifest.json (counts, timings, the config with secrets masked),
-written last.
+Both backends write the same report to `output`: rejected/part-*.parquet (schemas/rejected.json, as
+every job: one row per passage that was not indexed, stage `index`, reason `invalid_passage`,
+`duplicate_id` or `elasticsearch:<error type>`, the passage as read in `original`) and manifest.json
+(counts, timings, the config with secrets masked), written last.
 
 Elasticsearch loads are idempotent: every passage is indexed under its passage id, so a rerun (after
 a failure, or with a changed corpus) overwrites documents and never duplicates them. The corpus is
@@ -18,9 +18,8 @@ writers run in parallel.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,14 +27,17 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .cli import init_ray
-from .config import BuildIndexConfig, to_dict
+from ..cli import init_ray
+from ..config import BuildIndexConfig, fingerprint
+from ..errors import ClusterError
+from ..output import REJECTED, clear_dir, manifest_header, write_manifest, write_table
+from ..rows import rejected_record, rejected_table, require
 
-REJECTED, MANIFEST = "rejected", "manifest.json"
+MANIFEST = "manifest.json"
 READ_CPUS = 0.25  # the reader is one light task; the writers hold the CPUs
 READ_ROWS = 2000  # passages per table the reader yields (Ray re-blocks them by es_block_mb)
 PASSAGE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()),
-                            ("code", pa.string()), ("reason", pa.string())])
+                            ("code", pa.string()), ("reason", pa.string()), ("original", pa.string())])
 
 
 def log(message: str) -> None:
@@ -52,29 +54,30 @@ def build_index(cfg: BuildIndexConfig) -> dict:
 # --- the report -------------------------------------------------------------------------------------
 
 
+def build_fingerprint(cfg: BuildIndexConfig) -> str:
+    """The settings that decide what the index holds (stamped on its rejected rows)."""
+    where = {"index": cfg.index} if cfg.backend == "tantivy" else {
+        "es_index": cfg.es_index, "analyzer": cfg.es_analyzer, "k1": cfg.es_bm25_k1, "b": cfg.es_bm25_b}
+    return fingerprint({"corpus": cfg.corpus, "backend": cfg.backend, **where})
+
+
 def start_report(output: Path) -> None:
     """A report describes one run: clear the rejects and manifest of an earlier one."""
-    shutil.rmtree(output / REJECTED, ignore_errors=True)
+    clear_dir(output / REJECTED)
     (output / MANIFEST).unlink(missing_ok=True)
-    (output / REJECTED).mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
 
 
-def write_rejected(rows: list[dict], output: Path, part: int) -> None:
-    """rejected/part-NNNNN.jsonl: {"id", "code", "reason"} per line (temporary name, then a rename)."""
-    if not rows:
-        return
-    path = output / REJECTED / f"part-{part:05d}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({"id": row["id"], "code": row["code"], "reason": row["reason"]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def passage_rejects(rejects: list[dict], fp: str) -> list[dict]:
+    """Rejected-table records (schemas/rejected.json, stage `index`) of passages that were not indexed:
+    reason = the code (invalid_passage, duplicate_id, elasticsearch:<type>), detail = the sentence."""
+    return [rejected_record(r["id"] or "raw-" + hashlib.sha1(r["original"].encode()).hexdigest()[:16], None,
+                            "index", r["code"], r["reason"], r["original"], fp) for r in rejects]
 
 
-def write_manifest(output: Path, manifest: dict) -> None:
-    tmp = output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, output / MANIFEST)
+def write_rejected(records: list[dict], output: Path) -> None:
+    """rejected/part-*.parquet: one file per call (temporary name, then a rename)."""
+    write_table(rejected_table(records), output / REJECTED)
 
 
 def _timing(manifest: dict, started: float) -> dict:
@@ -89,7 +92,8 @@ def _timing(manifest: dict, started: float) -> dict:
 
 def build_tantivy(cfg: BuildIndexConfig) -> dict:
     """The embedded index at cfg.index, in one process."""
-    from .retrieve import DUPLICATE_ID, build_tantivy_index, read_corpus
+    from .corpus import read_corpus
+    from .tantivy_index import build_tantivy_index
 
     started = time.time()
     index = Path(cfg.index)
@@ -97,17 +101,16 @@ def build_tantivy(cfg: BuildIndexConfig) -> dict:
     log(f"indexing {cfg.corpus} into {index} (tantivy BM25)")
     stats = build_tantivy_index(read_corpus(cfg.corpus), index, heap_mb=cfg.heap_mb, overwrite=cfg.overwrite)
     start_report(output)
-    rejected = [{"id": r["id"], "reason": r["reason"],
-                 "code": "duplicate_id" if r["reason"].endswith(DUPLICATE_ID) else "invalid_passage"}
-                for r in stats["rejected"]]
-    write_rejected(rejected, output, 0)
+    rejected = passage_rejects([{"id": r["id"], "code": r["_code"], "reason": r["_reject"],
+                                 "original": r["_original"]} for r in stats["rejected"]], build_fingerprint(cfg))
+    write_rejected(rejected, output)
     manifest = _timing({
-        "job": "build_index", "backend": "tantivy", "config": to_dict(cfg), "index": str(index),
+        **manifest_header("build_index", cfg), "backend": "tantivy", "index": str(index),
         "input": stats["indexed"] + len(rejected), "indexed": stats["indexed"], "rejected": len(rejected),
-        "reject_codes": dict(sorted(Counter(r["code"] for r in rejected).items())),
+        "reject_codes": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "outputs": {"rejected": str(output / REJECTED), "manifest": str(output / MANIFEST)},
     }, started)
-    write_manifest(output, manifest)
+    write_manifest(str(output), manifest)
     log(f"indexed {stats['indexed']} passages, rejected {len(rejected)} ({output / REJECTED}) in "
         f"{manifest['wall_time_s']}s; manifest {output / MANIFEST}")
     return manifest
@@ -118,19 +121,19 @@ def build_tantivy(cfg: BuildIndexConfig) -> dict:
 
 def read_passages(batch: pa.Table, rows_per_table: int = READ_ROWS) -> Iterator[pa.Table]:
     """Stage `read` (one task, a generator): reads corpus (a path per row); yields tables of passages
-    with id, title, text, and code and reason (null for a passage to index; set for one that cannot
-    be, as `retrieve.checked_passages` decides, so duplicate ids keep their first passage)."""
-    from .batches import require
-    from .retrieve import checked_passages, read_corpus
+    with id, title, text, and code, reason and original (null for a passage to index; set for one that
+    cannot be, as `corpus.checked_passages` decides, so duplicate ids keep their first passage)."""
+    from .corpus import checked_passages, read_corpus
 
     require(batch, "read", "corpus")
     for path in batch.column("corpus").to_pylist():
         rows: list[dict] = []
         for p in checked_passages(read_corpus(path)):
             if "_reject" in p:
-                rows.append({"id": p["id"], "title": None, "text": None, "code": p["_code"], "reason": p["_reject"]})
+                rows.append({"id": p["id"], "title": None, "text": None, "code": p["_code"], "reason": p["_reject"],
+                             "original": p["_original"]})
             else:
-                rows.append({**p, "code": None, "reason": None})
+                rows.append({**p, "code": None, "reason": None, "original": None})
             if len(rows) >= rows_per_table:
                 yield pa.Table.from_pylist(rows, schema=PASSAGE_SCHEMA)
                 rows = []
@@ -143,57 +146,37 @@ def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
 
     Before any Ray work: the corpus opens, the cluster answers (TLS, credentials, versions) and the
     index is created, replaced (overwrite) or reused. During the load the index has no replicas and
-    no refresh; after it, they are restored and the count is checked. Raises elastic.ClusterError
-    (one line) when the cluster cannot be used or the count check fails.
+    no refresh; after it, they are restored and the count is checked. Raises ClusterError (one line)
+    when the cluster cannot be used or the count check fails.
     """
-    import ray
-
-    from . import elastic
-    from .retrieve import read_corpus
+    from .corpus import read_corpus
+    from .elastic.client import client_version, connect, es_connection, require_client
+    from .elastic.index import finish_index, index_definition, prepare_index
 
     started = time.time()
     corpus = Path(cfg.corpus).resolve()
     output = Path(cfg.output)
     next(iter(read_corpus(corpus)), None)  # a missing file or a wrong layout fails here, not in a task
-    cl = cfg.es_cluster()
-    client, info = elastic.connect(cl)
-    definition = elastic.index_definition(cfg.es_analyzer, cfg.es_shards, cfg.es_bm25_k1, cfg.es_bm25_b)
-    state = elastic.prepare_index(client, cl, cfg.es_index, definition, cfg.overwrite)
+    require_client()
+    cl = es_connection(cfg, "es_")
+    client, info = connect(cl)
+    definition = index_definition(cfg.es_analyzer, cfg.es_shards, cfg.es_bm25_k1, cfg.es_bm25_b)
+    state = prepare_index(client, cl, cfg.es_index, definition, cfg.overwrite)
     version = (info.get("version") or {}).get("number", "?")
     log(f"{state} index {cfg.es_index} at {cl.url} (Elasticsearch {version}); loading {corpus} with "
         f"{cfg.es_writers} bulk writers")
     start_report(output)
-    init_ray(cfg.ray_address)
-    context = ray.data.DataContext.get_current()
-    block_size = context.target_max_block_size
-    # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.
-    context.target_max_block_size = max(1, int(cfg.es_block_mb * 2**20))
     load_started = time.time()
-    try:
-        ds = ray.data.from_items([{"corpus": str(corpus)}]).map_batches(
-            read_passages, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
-        ds = ds.map_batches(
-            elastic.BulkWriter, batch_size=None, batch_format="pyarrow", num_cpus=cfg.es_writer_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.es_writers),
-            fn_constructor_kwargs={"cluster": cl, "index": cfg.es_index, "max_docs": cfg.es_bulk_docs,
-                                   "max_bytes": max(1, int(cfg.es_bulk_mb * 1_000_000))})
-        run = _follow(ds, output, cfg.progress_interval_s, load_started)
-    except Exception as e:
-        message = elastic.cluster_error_in(e)
-        if message is None:
-            raise
-        raise elastic.ClusterError(message) from None
-    finally:
-        context.target_max_block_size = block_size
+    run = _load(cfg, cl, corpus, output)
     load_s = time.time() - load_started
-    check = elastic.finish_index(client, cl, cfg.es_index, expected=run["indexed"], replicas=cfg.es_replicas,
-                                 refresh_interval=cfg.es_refresh_interval)
+    check = finish_index(client, cl, cfg.es_index, expected=run["indexed"], replicas=cfg.es_replicas,
+                         refresh_interval=cfg.es_refresh_interval)
     client.close()
     accounted = run["input"] == run["indexed"] + run["rejected"]
     manifest = _timing({
-        "job": "build_index", "backend": "elasticsearch", "config": to_dict(cfg),
+        **manifest_header("build_index", cfg), "backend": "elasticsearch",
         "elasticsearch": {"url": cl.url, "index": cfg.es_index, "server_version": version, "index_was": state,
-                          "client_version": elastic._client_version(), "auth": cl.auth},
+                          "client_version": client_version(), "auth": cl.auth},
         "input": run["input"], "indexed": run["indexed"], "rejected": run["rejected"],
         "reject_codes": dict(sorted(run["codes"].items())),
         "count_check": {**check, "input_minus_rejected": run["input"] - run["rejected"],
@@ -204,32 +187,59 @@ def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
     }, started)
     manifest["load_time_s"] = round(load_s, 2)  # the Ray Data load alone (the job also starts Ray, checks, counts)
     manifest["docs_per_s"] = round(run["indexed"] / load_s, 1) if load_s else None
-    write_manifest(output, manifest)
+    write_manifest(str(output), manifest)
+    _report_count_check(cfg, run, check, manifest, output)
+    return manifest
+
+
+def _load(cfg: BuildIndexConfig, cl, corpus: Path, output: Path) -> dict:
+    """The Ray Data load: one reader task, es_writers BulkWriter actors; returns the summed counts."""
+    import ray
+
+    from .elastic.bulk import BulkWriter
+
+    init_ray(cfg.ray_address)
+    context = ray.data.DataContext.get_current()
+    block_size = context.target_max_block_size
+    # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.
+    context.target_max_block_size = max(1, int(cfg.es_block_mb * 2**20))
+    try:
+        ds = ray.data.from_items([{"corpus": str(corpus)}]).map_batches(
+            read_passages, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+        ds = ds.map_batches(
+            BulkWriter, batch_size=None, batch_format="pyarrow", num_cpus=cfg.es_writer_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.es_writers),
+            fn_constructor_kwargs={"cluster": cl, "index": cfg.es_index, "max_docs": cfg.es_bulk_docs,
+                                   "max_bytes": max(1, int(cfg.es_bulk_mb * 1_000_000))})
+        return _follow(ds, output, cfg.progress_interval_s, time.time(), build_fingerprint(cfg))
+    finally:
+        context.target_max_block_size = block_size
+
+
+def _report_count_check(cfg: BuildIndexConfig, run: dict, check: dict, manifest: dict, output: Path) -> None:
     log(f"read {run['input']} passages: indexed {run['indexed']}, rejected {run['rejected']} "
         f"({output / REJECTED}) in {manifest['load_time_s']}s ({manifest['docs_per_s']} docs/s)")
     log(f"count check: {cfg.es_index} holds {check['count']} documents; input - rejected = "
         f"{run['input'] - run['rejected']}: {'ok' if manifest['count_check']['ok'] else 'MISMATCH'}")
     log(f"manifest {output / MANIFEST}")
-    if not accounted:
-        raise elastic.ClusterError(f"count check failed: {run['input']} passages read, {run['indexed']} indexed and "
-                                   f"{run['rejected']} rejected do not add up; rerun the build")
+    if run["input"] != run["indexed"] + run["rejected"]:
+        raise ClusterError(f"count check failed: {run['input']} passages read, {run['indexed']} indexed and "
+                           f"{run['rejected']} rejected do not add up; rerun the build")
     if not check["ok"]:
-        raise elastic.ClusterError(
+        raise ClusterError(
             f"count check failed: index {cfg.es_index} holds {check['count']} documents but this run indexed "
             f"{run['indexed']} ({run['input']} read - {run['rejected']} rejected); documents of another corpus are "
             "still there: rerun with overwrite=true to rebuild the index from scratch")
-    return manifest
 
 
-def _follow(ds, output: Path, interval: float, started: float) -> dict:
+def _follow(ds, output: Path, interval: float, started: float, fp: str) -> dict:
     """Drive the load: sum the writers' rows, write their rejects, print progress every `interval` s."""
     run = {"input": 0, "indexed": 0, "rejected": 0, "requests": 0, "retries": 0, "bytes": 0, "codes": Counter()}
-    last, part = time.time(), 0
+    last = time.time()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             rejected = json.loads(row["rejected"])
-            write_rejected(rejected, output, part)
-            part += 1
+            write_rejected(passage_rejects(rejected, fp), output)
             run["input"] += row["received"]
             run["indexed"] += row["indexed"]
             run["rejected"] += len(rejected)

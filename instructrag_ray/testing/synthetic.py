@@ -1236,45 +1236,58 @@ class _Builder:
         for i, text in enumerate(self.searchable):
             for word in set(re.findall(r"[A-Z][a-z]+", text)):
                 self.capital_index.setdefault(word, set()).add(i)
-        rows: list[dict] = []
-        used: set[str] = set()
+        self._rows: list[dict] = []
+        self._used: set[str] = set()
         # A name shared by several people is an ambiguous answer and turns up in many passages.
-        shared_names = {group[0].name for group in self.shared_groups}
+        self._shared_names = {group[0].name for group in self.shared_groups}
+        n_popqa_na, n_2wiki_na = self._no_answer_questions()
+        self._ambiguous_questions()
+        self._two_hop_questions(n_2wiki_na)
+        self._single_fact_questions(n_popqa_na)
+        rows = self._rows
+        if len(rows) < self.n_questions:
+            raise ValueError(f"n_people={self.n_people} is too small for n_questions={self.n_questions}: "
+                             f"only {len(rows)} distinct questions; use more people or fewer questions")
+        rng.shuffle(rows)
+        return [{"id": f"syn-{self.seed}-{i:05d}", **row} for i, row in enumerate(rows)]
 
-        def add(row: dict, dataset: str, style: str, relation: str, gold, bridge=()) -> None:
-            used.add(row["question"])
-            out = {"dataset": dataset, "question": row["question"], "answers": row["answers"]}
-            if "qa_pairs" in row:
-                out["qa_pairs"] = row["qa_pairs"]
-            out.update({"gold_passage_ids": sorted(gold), "bridge_passage_ids": sorted(bridge),
-                        "style": style, "relation": relation, "entities": row["entities"]})
-            rows.append(out)
+    def _add(self, row: dict, dataset: str, style: str, relation: str, gold, bridge=()) -> None:
+        self._used.add(row["question"])
+        out = {"dataset": dataset, "question": row["question"], "answers": row["answers"]}
+        if "qa_pairs" in row:
+            out["qa_pairs"] = row["qa_pairs"]
+        out.update({"gold_passage_ids": sorted(gold), "bridge_passage_ids": sorted(bridge),
+                    "style": style, "relation": relation, "entities": row["entities"]})
+        self._rows.append(out)
 
-        # No-answer questions: the fact is hidden and its answer never sits next to the names.
+    def _no_answer_questions(self) -> tuple[int, int]:
+        """No-answer questions: the fact is hidden and its answer never sits next to the names."""
         n_popqa_na = 0
         for relation, subject in self.na_popqa:
             if n_popqa_na >= self.n_na_popqa:
                 break
             row = self.popqa_question(relation, subject)
-            if row["question"] in used or self._answer_near_entity(row["entities"], row["answers"]):
+            if row["question"] in self._used or self._answer_near_entity(row["entities"], row["answers"]):
                 continue
-            add(row, POPQA, "single-fact", relation, [])
+            self._add(row, POPQA, "single-fact", relation, [])
             n_popqa_na += 1
         n_2wiki_na = 0
         for relation, subject in self.na_2wiki:
             if n_2wiki_na >= self.n_na_2wiki:
                 break
             row = self.twowiki_question(relation, subject)
-            if row["question"] in used or not self.fact_pids.get(row["hop1"]) \
+            if row["question"] in self._used or not self.fact_pids.get(row["hop1"]) \
                     or self._answer_near_entity(row["entities"], row["answers"]):
                 continue
-            add(row, TWOWIKI, "two-hop", relation, [], self.fact_pids[row["hop1"]])
+            self._add(row, TWOWIKI, "two-hop", relation, [], self.fact_pids[row["hop1"]])
             n_2wiki_na += 1
+        return n_popqa_na, n_2wiki_na
 
-        # Ambiguous questions: one per (shared name, relation); all people's facts are written.
+    def _ambiguous_questions(self) -> None:
+        """Ambiguous questions: one per (shared name, relation); all people's facts are written."""
         n_asqa = 0
         combos = [(group, relation) for group in self.shared_groups for relation in _ASQA]
-        rng.shuffle(combos)
+        self.rng.shuffle(combos)
         for group, relation in combos:
             if n_asqa >= self.n_asqa:
                 break
@@ -1282,10 +1295,7 @@ class _Builder:
             ambiguous, disambiguated = _ASQA[relation]
             pairs, gold = [], set()
             for person in group:
-                if relation == "work":
-                    fact = (person.work.key, "creator")
-                else:
-                    fact = (person.key, relation)
+                fact = (person.work.key, "creator") if relation == "work" else (person.key, relation)
                 pids = self.fact_pids.get(fact)
                 if not pids:
                     break
@@ -1294,44 +1304,39 @@ class _Builder:
                               "answers": self.answers(person, relation)})
             else:
                 answers = list(dict.fromkeys(a for pair in pairs for a in pair["answers"]))
-                add({"question": ambiguous.format(s=name), "answers": answers, "qa_pairs": pairs,
-                     "entities": [name]}, ASQA, "ambiguous", relation, gold)
+                self._add({"question": ambiguous.format(s=name), "answers": answers, "qa_pairs": pairs,
+                           "entities": [name]}, ASQA, "ambiguous", relation, gold)
                 n_asqa += 1
 
-        # Answerable two-hop questions: both hops written, in disjoint sets of passages.
-        n_2wiki = n_2wiki_na
+    def _two_hop_questions(self, n_2wiki: int) -> None:
+        """Answerable two-hop questions: both hops written, in disjoint sets of passages."""
         relations = list(_TWOWIKI)
         pools = {r: self._shuffled(self.twowiki_candidates(r)) for r in relations}
         while n_2wiki < self.n_2wiki and any(pools.values()):
             live = [r for r in relations if pools[r]]
-            relation = rng.choices(live, [_TWOWIKI[r][0] for r in live])[0]
+            relation = self.rng.choices(live, [_TWOWIKI[r][0] for r in live])[0]
             row = self.twowiki_question(relation, pools[relation].pop())
             hop1, hop2 = self.fact_pids.get(row["hop1"], []), self.fact_pids.get(row["fact"], [])
-            if row["question"] in used or not hop1 or not hop2 or set(hop1) & set(hop2) \
-                    or shared_names.intersection(row["answers"]):
+            if row["question"] in self._used or not hop1 or not hop2 or set(hop1) & set(hop2) \
+                    or self._shared_names.intersection(row["answers"]):
                 continue
-            add(row, TWOWIKI, "two-hop", relation, hop2, hop1)
+            self._add(row, TWOWIKI, "two-hop", relation, hop2, hop1)
             n_2wiki += 1
 
-        # Answerable single-fact questions fill the rest (and any shortfall of the other styles).
-        n_popqa = n_popqa_na
-        target = self.n_questions - len(rows) + n_popqa_na
+    def _single_fact_questions(self, n_popqa: int) -> None:
+        """Answerable single-fact questions fill the rest (and any shortfall of the other styles)."""
+        target = self.n_questions - len(self._rows) + n_popqa
         relations = list(_POPQA)
         pools = {r: self._shuffled(self.popqa_candidates(r)) for r in relations}
         while n_popqa < target and any(pools.values()):
             live = [r for r in relations if pools[r]]
-            relation = rng.choices(live, [_POPQA[r][0] for r in live])[0]
+            relation = self.rng.choices(live, [_POPQA[r][0] for r in live])[0]
             row = self.popqa_question(relation, pools[relation].pop())
             pids = self.fact_pids.get(row["fact"])
-            if row["question"] in used or not pids or shared_names.intersection(row["answers"]):
+            if row["question"] in self._used or not pids or self._shared_names.intersection(row["answers"]):
                 continue
-            add(row, POPQA, "single-fact", relation, pids)
+            self._add(row, POPQA, "single-fact", relation, pids)
             n_popqa += 1
-        if len(rows) < self.n_questions:
-            raise ValueError(f"n_people={self.n_people} is too small for n_questions={self.n_questions}: "
-                             f"only {len(rows)} distinct questions; use more people or fewer questions")
-        rng.shuffle(rows)
-        return [{"id": f"syn-{self.seed}-{i:05d}", **row} for i, row in enumerate(rows)]
 
     def _shuffled(self, items: list) -> list:
         items = list(items)

@@ -1,5 +1,5 @@
 """The `openai` generation engine: an OpenAI-compatible server (vLLM, SGLang, `transformers serve`, a
-hosted API) generates from the prompt exactly as `PromptStage` rendered it.
+hosted API) generates from the prompt exactly as the prompt stage rendered it.
 
 Why `/v1/completions` and not `/v1/chat/completions`: the chat endpoint would render the messages again
 with the server's own template, and the prompt would no longer be ours (PAPER.md's wording through the
@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .generate import Completion, EngineUnavailable, Failure, Secret, load_tokenizer_and_stops, read_api_key
-from .tiny_model import resolve_model
+from ..errors import ConfigError, EngineUnavailable
+from ..models import resolve_model
+from .base import Completion, Failure, Secret, load_tokenizer_and_stops, read_api_key
 
 # Backoff between retries never exceeds MAX_BACKOFF_S; a server's Retry-After is honoured up to MAX_RETRY_AFTER_S.
 MAX_BACKOFF_S = 60.0
@@ -66,7 +67,7 @@ class OpenAIEngine:
 
     def __post_init__(self):
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"generation.base_url must start with http:// or https://, got {self.base_url!r}")
+            raise ConfigError(f"generation.base_url must start with http:// or https://, got {self.base_url!r}")
         self.tokenizer, self.stop_ids = load_tokenizer_and_stops(self.model)
         self.bos_text = bos_added_by_tokenizer(self.tokenizer)
         self.request_model = self.served_model or resolve_model(self.model)
@@ -225,7 +226,7 @@ class OpenAIEngine:
             except (ValueError, KeyError, TypeError):
                 return
             if served and self.request_model not in served:
-                raise ValueError(f"the server at {self.root} serves {served[:5]}, not {self.request_model!r}; "
+                raise ConfigError(f"the server at {self.root} serves {served[:5]}, not {self.request_model!r}; "
                                  "set generation.served_model to the name the server uses")
             return
         raise EngineUnavailable(f"cannot reach the server at {self.root} ({reason}: {detail}) after "

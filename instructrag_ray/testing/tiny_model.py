@@ -1,4 +1,4 @@
-"""The project's built-in tiny chat model: a 1.3M-parameter Llama built locally, offline.
+"""Test fixture: the project's built-in tiny chat model: a 1.3M-parameter Llama built locally, offline.
 
 No model can be downloaded here (no hub access), yet the pipeline, the tests and the demo need a
 real `transformers` causal LM with a real tokenizer and a Llama-3-style chat template. This module
@@ -7,8 +7,8 @@ generated below, and a randomly initialised `LlamaForCausalLM`, saved in Hugging
 `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(path)` load it like any other checkpoint.
 The weights are random: the model exercises the code paths, it does not answer questions.
 
-The config value `"tiny"` (`TINY_MODEL`) names it; `resolve_model` turns that into a local path and
-passes any other model name through unchanged.
+The config value `"tiny"` (`config.TINY_MODEL`) names it; `models.resolve_model` turns that into the
+local path of this build.
 
 The build is deterministic (same tokenizer.json, same weights, bit for bit) because on a cluster
 every worker builds its own copy and they must agree, and it is safe to run from several processes
@@ -25,8 +25,6 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-
-TINY_MODEL = "tiny"
 
 # Bump when anything below changes what gets built, so old caches are not reused.
 _VERSION_DIR = "tiny-llama-v1"
@@ -108,38 +106,6 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
             f"{target} exists but is not a complete tiny-model build; delete it and retry"
         )
     return target
-
-
-def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Map the config value "tiny" to the built tiny model's path; pass any other name through."""
-    if name == TINY_MODEL:
-        return str(ensure_tiny_model(cache_dir))
-    return name
-
-
-class ModelError(ValueError):
-    """A model that cannot be used: the message is one line naming the config key and the fix."""
-
-
-def load_chat_tokenizer(key: str, model: str, *, config: bool = False):
-    """Resolve `model` (building the tiny model if asked for) and load its tokenizer (and its config, with
-    config=True), failing in one line, naming the config key, when either does not load or the tokenizer
-    has no chat template. Returns (local path or hub name, tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        path = resolve_model(model)
-        if config:
-            AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ModelError(f"{key}={model!r} could not be loaded ({type(e).__name__}: {first}); pass a local Hugging "
-                         f"Face model directory, a hub name available offline, or '{TINY_MODEL}'") from None
-    if not tokenizer.chat_template:
-        raise ModelError(f"the tokenizer of {key}={model!r} has no chat template; use an instruction-tuned model "
-                         "(prompts are rendered with the model's own chat template)")
-    return path, tokenizer
 
 
 def _build(out_dir: Path) -> None:

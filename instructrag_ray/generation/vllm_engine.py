@@ -28,9 +28,10 @@ import functools
 
 import pyarrow as pa
 
-from .batches import add_columns, ok_rows, reject, require
-from .generate import load_tokenizer_and_stops
-from .tiny_model import resolve_model
+from ..errors import InputError
+from ..models import resolve_model
+from ..rows import add_columns, ok_rows, reject, require
+from .base import load_tokenizer_and_stops
 
 # CPU share of the request/result tasks and of the processor's detokenize actors.
 CPU_STAGE_CPUS = 0.25
@@ -151,7 +152,7 @@ def _require_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ImportError("generation.engine=vllm needs vLLM on the GPU nodes: pip install 'instructrag-ray[vllm]' "
+        raise InputError("generation.engine=vllm needs vLLM on the GPU nodes: pip install 'instructrag-ray[vllm]' "
                           "(it pins the vLLM release this Ray version's ray.data.llm was built against)")
 
 

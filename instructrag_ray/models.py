@@ -1,0 +1,63 @@
+"""Models by name: the config value of `generation.model`, `model` (training) or `ft_model` becomes
+a local path, and a model that cannot serve the jobs fails in one line before any work.
+
+- `"tiny"` (`config.TINY_MODEL`): the project's tiny random model, built locally on first use
+  (`testing/tiny_model.py`); for fast tests and the pipeline demo, not for real rationales.
+- anything else: a local Hugging Face model directory, or a hub name already in the local cache (no
+  hub access at run time).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import TINY_MODEL
+from .errors import ModelError
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+
+
+def resolve_model(name: str) -> str:
+    """The local path (or cached hub name) to load `name` from; builds the tiny model when asked for."""
+    if name == TINY_MODEL:
+        from .testing.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return name
+
+
+def load_chat_tokenizer(key: str, model: str, *, config: bool = False):
+    """Resolve `model` and load its tokenizer (and its config, with config=True), failing in one line
+    that names the config key when either does not load or the tokenizer has no chat template.
+    Returns (local path or hub name, tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        path = resolve_model(model)
+        if config:
+            AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ModelError(f"{key}={model!r} could not be loaded ({type(e).__name__}: {first}); pass a local Hugging "
+                         f"Face model directory, a hub name available offline, or '{TINY_MODEL}'") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {key}={model!r} has no chat template; use an instruction-tuned model "
+                         "(prompts are rendered with the model's own chat template)")
+    return path, tokenizer
+
+
+def check_weights(key: str, model: str, path: str) -> None:
+    """A local model directory must hold weights (a tokenizer and config alone cannot generate)."""
+    if Path(path).is_dir() and not any(any(Path(path).glob(p)) for p in WEIGHT_FILES):
+        raise ModelError(f"{key}={model!r} has a config and a tokenizer but no weights (*.safetensors or *.bin); "
+                         "point it at the saved model directory (jobs/train.py writes <output>/model)")
+
+
+def resolve_max_model_len(model_path: str, max_model_len: int) -> int:
+    """The configured context budget, else the model's own (max_position_embeddings)."""
+    if max_model_len:
+        return max_model_len
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
