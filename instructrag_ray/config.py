@@ -150,6 +150,7 @@ class SynthesizeConfig:
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
     progress_interval_s: float = opt(10.0, "seconds between progress lines", minimum=0)
+    rows_per_file: int = opt(10000, "at the end of a run, merge the per-batch Parquet files into files of about this many rows (0 = keep one file per batch)", minimum=0)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -250,6 +251,7 @@ class EvaluateConfig:
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
     progress_interval_s: float = opt(10.0, "seconds between progress lines", minimum=0)
+    rows_per_file: int = opt(10000, "at the end of a run, merge the per-batch Parquet files into files of about this many rows (0 = keep one file per batch)", minimum=0)
     demos: DemosConfig = field(default_factory=DemosConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -388,7 +390,9 @@ class TrainConfig:
         """
         d, o = self.data, self.optim
         shaping = {
-            "input": str(Path(self.input).resolve()), "model": self.model, "seed": self.seed,
+            # a URI as written; a local path made absolute
+            "input": self.input if "://" in self.input else str(Path(self.input).resolve()),
+            "model": self.model, "seed": self.seed,
             "data": {"consistent_only": d.consistent_only, "num_docs": d.num_docs, "max_length": d.max_length,
                      "limit": d.limit, "shuffle_buffer": d.shuffle_buffer},
             "optim": dataclasses.asdict(o),

@@ -9,14 +9,13 @@ from __future__ import annotations
 import ast
 import json
 import random
-from pathlib import Path
-
 import pyarrow.parquet as pq
 
 from . import prompts
 from .answers import has_answer
 from .errors import InputError
 from .output import RATIONALES
+from .storage import Location, location
 
 # icl-qa's demonstration answer for an ASQA-style demo: the first short answer of each qa_pair, joined.
 SHORT_ANSWER_JOIN = ", "
@@ -43,13 +42,13 @@ def load_demo_pool(path: str) -> list[dict]:
     whose answers and qa_pairs are Python-literal strings, reads as it is). Parquet rows are ordered
     by id (file names are random); JSON rows keep the file's order.
     """
-    p = Path(path)
+    p = location(path, "demos.path")
     if not p.exists():
         raise InputError(f"demos.path {path} does not exist; pass a synthesis output directory (with "
-                              "rationales/), a rationale Parquet file, or a demos JSON file")
+                         "rationales/), a rationale Parquet file, or a demos JSON file")
     if p.is_dir():
         folder = p / RATIONALES if (p / RATIONALES).is_dir() else p
-        files = sorted(folder.glob("*.parquet"))
+        files = folder.files((".parquet",))
         if not files:
             raise InputError(f"demos.path {path} holds no rationale Parquet files (expected a synthesis output "
                                   "directory, its rationales/, or a demos JSON file)")
@@ -62,23 +61,23 @@ def load_demo_pool(path: str) -> list[dict]:
                           "or a .json/.jsonl file of {question, rationale}")
 
 
-def _parquet_demos(files: list[Path], path: str) -> list[dict]:
+def _parquet_demos(files: list[Location], path: str) -> list[dict]:
     rows = []
     for f in files:
-        names = pq.read_schema(f).names
+        names = pq.read_schema(f.path, filesystem=f.fs).names
         missing = [c for c in ("id", "question", "answers", "rationale") if c not in names]
         if missing:
             raise InputError(f"demos.path {path}: {f.name} lacks column(s) {missing}; expected the synthesis "
                                   "job's rationales (schemas/rationales.json)")
         wanted = [c for c in ("id", "dataset", "question", "answers", "qa_pairs", "rationale", "consistent") if c in names]
-        rows.extend(pq.read_table(f, columns=wanted).to_pylist())
+        rows.extend(f.read_parquet(wanted).to_pylist())
     out = [_demo(str(r["id"]), r.get("dataset"), r["question"], r["rationale"], r["answers"], r.get("qa_pairs"),
                  r.get("consistent")) for r in rows]
     return sorted(out, key=lambda d: d["id"])
 
 
-def _json_demos(p: Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8")
+def _json_demos(p: Location) -> list[dict]:
+    text = p.read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -31,16 +31,13 @@ predictions/ are skipped; rejected/ and the reports are rebuilt.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import output, prompts, read, schemas
 from .answers import has_answer
@@ -54,6 +51,7 @@ from .models import check_weights, load_chat_tokenizer, resolve_max_model_len, r
 from .progress import follow
 from .retrieval.stage import check_retrieval, retrieve
 from .rows import cached_get, ok_rows, reject, require, select_rows
+from .storage import Location, check_location, location
 
 FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = "instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval"
 # Report order: the two InstructRAG methods first, then the baselines.
@@ -177,13 +175,14 @@ def score_batch(batch: pa.Table) -> pa.Table:
                                  for i, r in enumerate(rows)], schema=schema)
 
 
-def write_batch(batch: pa.Table, output_dir: str, fingerprints: dict[str, str], run_fingerprint: str) -> pa.Table:
-    """Stage `write`: healthy rows to predictions/ (schemas/predictions.json), rejected rows to rejected/
-    (schemas/rejected.json); returns one stats row for progress and the summary."""
-    good, bad = output.write_rows(batch.to_pylist(), output_dir, PREDICTIONS, "predictions",
-                                  lambda r: fingerprints.get(r.get("method"), run_fingerprint))
+def write_batch(batch: pa.Table, run: output.Run, fingerprints: dict[str, str], run_fingerprint: str) -> pa.Table:
+    """Stage `write`: stages healthy rows for predictions/ (schemas/predictions.json) and rejected rows for
+    rejected/ (schemas/rejected.json); returns one stats row (with the staged files, which the driver
+    commits) for progress and the summary."""
+    good, bad, staged = output.write_rows(batch.to_pylist(), run, PREDICTIONS, "predictions",
+                                          lambda r: fingerprints.get(r.get("method"), run_fingerprint))
     reasons = Counter(f"{r.get('method') or '*'}|{r['reject_stage']}:{r['reject_reason']}" for r in bad)
-    return output.batch_stats(good, reasons, "correct")
+    return output.batch_stats(good, reasons, "correct", staged)
 
 
 # --- checks before any work --------------------------------------------------------------------------
@@ -277,34 +276,34 @@ def method_fingerprint(cfg: EvaluateConfig, method: str, demos: dict[str, list[d
     return fingerprint(cfg.method_shaping(method, chosen))
 
 
-def scan_predictions(output_dir: str) -> dict[tuple[str, str], str]:
-    """(id, method) -> config_fingerprint of every prediction already written."""
+def scan_predictions(out: Location) -> dict[tuple[str, str], str]:
+    """(id, method) -> config_fingerprint of every prediction already committed."""
+    output.recover_compactions(out)
     found = {}
-    for f in sorted((Path(output_dir) / PREDICTIONS).glob("*.parquet")):
-        t = pq.read_table(f, columns=["id", "method", "config_fingerprint"]).to_pydict()
+    for f in (out / PREDICTIONS).files((".parquet",)):
+        t = f.read_parquet(["id", "method", "config_fingerprint"]).to_pydict()
         found.update({(i, m): fp for i, m, fp in zip(t["id"], t["method"], t["config_fingerprint"])})
     return found
 
 
-def prepare_output(output_dir: str, fingerprints: dict[str, str], overwrite: bool) -> set[tuple[str, str]]:
+def prepare_output(out: Location, fingerprints: dict[str, str], overwrite: bool) -> set[tuple[str, str]]:
     """Check an output directory before a run; returns the (id, method) pairs to skip (resume).
 
     Predictions of a method written with other settings are refused unless overwrite (which clears the
     directory). rejected/ and the reports are always rebuilt: rejected rows are tried again.
     """
-    existing = scan_predictions(output_dir)
+    existing = scan_predictions(out)
     stale = sorted({m for (_, m), fp in existing.items() if m in fingerprints and fp != fingerprints[m]})
-    out = Path(output_dir)
     if stale and not overwrite:
-        raise OutputConflict(f"{output_dir} holds {stale[0]} predictions written with other settings (model, prompt, "
+        raise OutputConflict(f"{out.uri} holds {stale[0]} predictions written with other settings (model, prompt, "
                              "demonstrations, retrieval or decoding); use a new --output, or pass overwrite=true "
                              "to delete them and start again")
     if overwrite:
-        shutil.rmtree(out / PREDICTIONS, ignore_errors=True)
+        (out / PREDICTIONS).delete()
         existing = {}
-    shutil.rmtree(out / REJECTED, ignore_errors=True)
+    (out / REJECTED).delete()
     for name in (METRICS, REPORT_MD, REPORT_PNG, MANIFEST):
-        (out / name).unlink(missing_ok=True)
+        (out / name).delete()
     return {key for key, fp in existing.items() if fingerprints.get(key[1]) == fp}
 
 
@@ -330,8 +329,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     g, r = cfg.generation, cfg.retrieval
     groups = model_groups(cfg, methods)
     # Everything that can be wrong with the inputs is found before any generation.
-    if not read.is_hf_dataset_dir(cfg.input):
-        read.input_files(cfg.input)  # raises InputError naming the path
+    out = location(cfg.output, "output")
+    check_location(location(cfg.input, "input"), "input")
+    read.raw_tasks(cfg.input)  # an input without QA files fails here
+    check_location(out, "output", write=True)
     check_report_dependencies()
     icl = [m for m in methods if m in ICL_METHODS]
     pool = load_demo_pool(cfg.demos.path) if icl else []
@@ -352,17 +353,24 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     if retrieves:
         check_retrieval(r, plan.need_retrieval, alternative=", or use methods=no-retrieval")
     fingerprints = {m: method_fingerprint(cfg, m, demos) for m in methods}
-    done = prepare_output(cfg.output, fingerprints, cfg.overwrite)
+    done = prepare_output(out, fingerprints, cfg.overwrite)
     todo = plan.valid * len(methods) - len(done)
     log(f"{plan.total} input rows, {plan.valid} usable; {len(done)} (row, method) pairs already in {cfg.output} "
         f"(resumed), {todo} to generate")
     for dataset_name, chosen in demos.items():
         log(f"demonstrations for {dataset_name}: {', '.join(d['id'] for d in chosen)}")
 
-    stats = evaluation_chain(parsed, cfg, plan, groups, demos, done, fingerprints, retrieves)
-    run = _follow(stats, todo, cfg.progress_interval_s)
-    metrics = write_reports(cfg.output, methods, cfg.metrics.resamples, cfg.metrics.confidence, cfg.metrics.seed,
-                            title=f"Evaluation of {Path(cfg.input).name}")
+    run_ = output.new_run(out)
+    output.discard_staging(out)
+    commit = output.Committer(run_)
+    stats = evaluation_chain(parsed, cfg, plan, groups, demos, done, fingerprints, retrieves, run_)
+    run = _follow(stats, todo, cfg.progress_interval_s, commit)
+    commit.finish()
+    output.compact(out, [PREDICTIONS, REJECTED], cfg.rows_per_file)
+    output.ensure_tables(out, {PREDICTIONS: "predictions", REJECTED: "rejected"})
+    output.write_card(out, [PREDICTIONS, REJECTED], PREDICTIONS, CARD)
+    metrics = write_reports(out, methods, cfg.metrics.resamples, cfg.metrics.confidence, cfg.metrics.seed,
+                            title=f"Evaluation of {location(cfg.input).name}")
     wall = time.time() - started
     manifest = {
         **output.manifest_header("evaluate", cfg),
@@ -374,15 +382,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                      "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
         "rejected": _rejected_by_method(run["reject_reasons"]),
         "predictions": {m: metrics["scores"].get(m, {}).get("overall", {}).get("n", 0) for m in metrics["methods"]},
-        "outputs": {name: os.path.join(cfg.output, name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
+        "outputs": {name: str(out / name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
     }
-    output.write_manifest(cfg.output, manifest)
+    output.write_manifest(out, manifest)
     _summary(manifest, metrics)
     return manifest
 
 
 def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dict, done: set,
-                     fingerprints: dict[str, str], retrieves: bool):
+                     fingerprints: dict[str, str], retrieves: bool, run: output.Run):
     """select -> retrieve (once) -> per model: prompt -> generate -> score -> union -> write."""
     import ray
 
@@ -411,30 +419,31 @@ def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dic
         branches.append(b.map_batches(score_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS))
     out = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     return out.map_batches(write_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-                           fn_kwargs={"output_dir": cfg.output, "fingerprints": fingerprints,
+                           fn_kwargs={"run": run, "fingerprints": fingerprints,
                                       "run_fingerprint": fingerprint(fingerprints)})
 
 
-def read_predictions(output_dir: str) -> list[dict]:
+def read_predictions(out: Location) -> list[dict]:
     """The columns metrics need, from every prediction file in the output directory."""
-    files = sorted((Path(output_dir) / PREDICTIONS).glob("*.parquet"))
+    files = (out / PREDICTIONS).files((".parquet",))
     columns = ["id", "dataset", "method", "correct", "str_em", "completion_tokens", "finish_reason"]
-    return [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
+    return [row for f in files for row in f.read_parquet(columns).to_pylist()]
 
 
-def write_reports(output_dir: str, methods: list[str] | None, resamples: int, confidence: float, seed: int,
+def write_reports(out: Location | str, methods: list[str] | None, resamples: int, confidence: float, seed: int,
                   title: str = "Evaluation") -> dict:
     """metrics.json, report.md and report.png from everything in <output>/predictions (this run and
     resumed runs; methods found there but not in `methods` are reported after them)."""
-    rows = read_predictions(output_dir)
+    out = location(out)
+    rows = read_predictions(out)
     found = {r["method"] for r in rows}
     order = [m for m in (methods or []) if m in found] + sorted(found - set(methods or []), key=_order_key)
     metrics = compute_metrics(rows, order, resamples=resamples, confidence=confidence, seed=seed)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (out / REPORT_MD).write_text(markdown_report(metrics, title))
-    plot_report(metrics, out / REPORT_PNG, title)
+    png = io.BytesIO()  # matplotlib writes PNG to a file object; the bytes go wherever the output is
+    plot_report(metrics, png, title)
+    (out / REPORT_PNG).write_bytes(png.getvalue())
     return metrics
 
 
@@ -450,7 +459,7 @@ def _rejected_by_method(reasons: dict[str, int]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _follow(stats, todo: int, interval: float) -> dict:
+def _follow(stats, todo: int, interval: float, commit) -> dict:
     """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
     def progress(run: dict, elapsed: float) -> None:
         rate = run["written"] / elapsed
@@ -459,7 +468,13 @@ def _follow(stats, todo: int, interval: float) -> dict:
             f"{run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
 
     return follow(stats, ("written", "rejected", "correct", "prompt_tokens", "completion_tokens"), interval,
-                  progress)
+                  progress, commit)
+
+
+CARD = ("Predictions of instructrag-ray's evaluation job: `predictions/` holds one row per (question, method) with "
+        "the prompt, the model's answer and its score (schemas/predictions.json); `rejected/` the rows that could "
+        "not be scored, with the stage and reason (schemas/rejected.json). `metrics.json` and `report.md` hold "
+        "the scores; `manifest.json` records the run.")
 
 
 def _summary(m: dict, metrics: dict) -> None:
@@ -481,4 +496,4 @@ def _summary(m: dict, metrics: dict) -> None:
     out = m["outputs"]
     for name in (PREDICTIONS, METRICS, REPORT_MD, REPORT_PNG):
         print(f"  {name:<18}  {out[name]}")
-    print(f"  {'manifest':<18}  {os.path.join(m['config']['output'], MANIFEST)}", flush=True)
+    print(f"  {'manifest':<18}  {location(m['config']['output']) / MANIFEST}", flush=True)

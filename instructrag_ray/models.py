@@ -3,26 +3,36 @@ a local path, and a model that cannot serve the jobs fails in one line before an
 
 - `"tiny"` (`config.TINY_MODEL`): the project's tiny random model, built locally on first use
   (`testing/tiny_model.py`); for fast tests and the pipeline demo, not for real rationales.
+- a URI (s3://, gs://, ...) of a Hugging Face model directory (what jobs/train.py exports): copied once
+  per node to local disk (storage.node_local_copy), so workers on fresh nodes need no shared volume.
 - anything else: a local Hugging Face model directory, or a hub name already in the local cache (no
   hub access at run time).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .config import TINY_MODEL
 from .errors import ModelError
+from .storage import is_uri, location, node_local_copy
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
 def resolve_model(name: str) -> str:
-    """The local path (or cached hub name) to load `name` from; builds the tiny model when asked for."""
+    """The local path (or cached hub name) to load `name` from; builds the tiny model when asked for,
+    copies a model at a URI to this node's disk."""
     if name == TINY_MODEL:
         from .testing.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if is_uri(name):
+        # the listing (names, sizes, times) stands for the content: a model replaced at the URI is copied anew
+        files = location(name).files(recursive=True)
+        stamp = "|".join(f"{f.path}:{f.info().size}:{f.info().mtime_ns}" for f in files)
+        return str(node_local_copy(name, "models", hashlib.sha256(stamp.encode()).hexdigest()[:16]))
     return name
 
 

@@ -7,15 +7,18 @@ import time
 from collections import Counter
 
 
-def follow(stats, counters: tuple[str, ...], interval: float, progress) -> dict:
-    """Drive a job's pipeline to its end. Its last stage returns one row per batch with the `counters`
-    and a `reasons` JSON of reject counts; `progress(run, elapsed_s)` is called every `interval` seconds
-    with the sums so far. Returns the sums and `reject_reasons`."""
+def follow(stats, counters: tuple[str, ...], interval: float, progress, commit=None) -> dict:
+    """Drive a job's pipeline to its end. Its last stage returns one row per batch with the `counters`,
+    a `reasons` JSON of reject counts and the `staged` files, which `commit` (output.Committer) commits
+    as they arrive; `progress(run, elapsed_s)` is called every `interval` seconds with the sums so far.
+    Returns the sums and `reject_reasons`."""
     run = dict.fromkeys(counters, 0)
     reasons: Counter = Counter()
     start = last = time.time()
     for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
+            if commit is not None:
+                commit(json.loads(row["staged"]))
             for key in run:
                 run[key] += row[key]
             reasons.update(json.loads(row["reasons"]))

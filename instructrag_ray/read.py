@@ -2,9 +2,10 @@
 
 Reading is two steps:
 1. `read_raw` turns the input (JSONL, JSON array, DPR-topics TSV, Parquet, a directory of those, or a
-   Hugging Face dataset saved with `save_to_disk`) into raw rows `{source, line, raw}`, where `raw`
-   is the record's JSON text (or the raw line when it is not JSON). Nothing is interpreted yet, so
-   a malformed record can never fail the whole read.
+   Hugging Face dataset saved with `save_to_disk`; a local path or any filesystem URI) into raw rows
+   `{source, line, raw, read_error}` on Ray workers, where `raw` is the record's JSON text (or the raw
+   line when it is not JSON). Nothing is interpreted yet, so a malformed record (bad bytes included)
+   can never fail the whole read.
 2. `parse_record` (run by `parse_batch` on Ray workers) turns one raw row into a QA row, or raises
    `RowError(reason, detail)`, which the pipeline writes to `rejected/` with the original text.
 
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
 import hashlib
-import io
 import json
 import math
 from collections.abc import Iterator
@@ -32,15 +31,22 @@ import pyarrow as pa
 
 from . import schemas
 from .errors import InputError
+from .storage import Location, location
 
-RAW_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.string())])
+RAW_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.string()),
+                        ("read_error", pa.string())])
 RAW_BLOCK_ROWS = 2000
+# A line-per-record file larger than this is read by several tasks, each a byte range of it.
+SPLIT_BYTES = 64 << 20
+READ_CPUS = 0.25  # read tasks are light next to the actor pools that follow
 
 # file-name hints -> dataset name (checked in order)
 NAME_HINTS = [("popqa", "popqa"), ("asqa", "asqa"), ("trivia", "triviaqa"), ("2wiki", "2wikimultihopqa"),
               ("hotpot", "hotpotqa"), ("nq", "nq")]
 
 QA_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".tsv", ".txt", ".tsv.gz", ".txt.gz")
+LINE_FORMATS = (".jsonl", ".tsv", ".txt")  # one record a line: readable by byte range (uncompressed)
+BOM = b"\xef\xbb\xbf"
 
 
 class RowError(ValueError):
@@ -52,126 +58,224 @@ class RowError(ValueError):
         self.detail = detail
 
 
-# --- step 1: raw rows -------------------------------------------------------------------------------
+# --- step 1: raw rows, read on the cluster ----------------------------------------------------------
+#
+# A raw row is (source, line, raw, read_error): the file (a path or URI) and the record's position in it
+# (the byte offset of its line for one-record-a-line files, its index in a JSON array, a Parquet file or
+# a Hugging Face dataset), its text, and why it could not be read as text (else null). Positions order
+# the rows of a file as the file does, so "the first copy of an id" and `limit` mean the file's order.
 
 
-def input_files(path: str | Path) -> list[Path]:
-    """The QA files under `path` (a file, or a directory searched recursively), sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(QA_EXTENSIONS))
+def input_files(path: str | Location) -> list[Location]:
+    """The QA files at `path` (a file, or a directory searched recursively; local or a URI), sorted."""
+    loc = location(path, "input")
+    if loc.is_file():
+        return [loc]
+    if loc.is_dir():
+        files = loc.files(QA_EXTENSIONS, recursive=True)
         if files:
             return files
-        raise InputError(f"input directory {path} holds no {', '.join(QA_EXTENSIONS)} files")
-    raise InputError(f"input {path} does not exist; pass --input with a QA file or directory")
+        raise InputError(f"input directory {loc.uri} holds no {', '.join(QA_EXTENSIONS)} files")
+    raise InputError(f"input {loc.uri} does not exist; pass --input with a QA file or directory")
 
 
-def is_hf_dataset_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+def hf_dataset_files(path: str | Location) -> list[tuple[Location, str]] | None:
+    """(arrow file, source name) of a Hugging Face dataset saved with save_to_disk, None when `path` is not
+    one: a Dataset dir (dataset_info.json + data-*.arrow) or a DatasetDict dir (dataset_dict.json + a
+    Dataset dir per split, whose rows are sourced as '<path>:<split>')."""
+    loc = location(path, "input")
+    if (loc / "dataset_dict.json").is_file():
+        splits = json.loads((loc / "dataset_dict.json").read_text()).get("splits", [])
+        return [(f, f"{loc.uri}:{split}") for split in splits for f in (loc / split).files((".arrow",))]
+    if (loc / "dataset_info.json").is_file():
+        return [(f, loc.uri) for f in loc.files((".arrow",))]
+    return None
 
 
-def iter_raw(path: str | Path) -> Iterator[tuple[str, int, str]]:
-    """(source, line, raw) for every record of the input, in file order."""
-    if is_hf_dataset_dir(path):
-        yield from _iter_hf(Path(path))
-        return
-    for file in input_files(path):
-        name = file.name.lower()
-        if name.endswith(".parquet"):
-            yield from _iter_parquet(file)
+def raw_tasks(path: str | Location, split_bytes: int = SPLIT_BYTES) -> list[tuple]:
+    """The read work for an input: (kind, file, source, start, end) per task; a large uncompressed
+    one-record-a-line file is cut into byte ranges, every other file is one task."""
+    hf = hf_dataset_files(path)
+    if hf is not None:
+        return [("arrow", f, source, 0, -1) for f, source in hf]
+    tasks = []
+    for f in input_files(path):
+        name = f.name.lower()
+        if name.endswith(LINE_FORMATS):
+            size = f.info().size
+            tasks += [("lines", f, f.uri, start, min(start + split_bytes, size))
+                      for start in range(0, max(size, 1), split_bytes)]
+        elif name.endswith((".parquet",)):
+            tasks.append(("parquet", f, f.uri, 0, -1))
         elif name.endswith((".json", ".json.gz")):
-            yield from _iter_json_array(file)
-        else:  # JSONL, and DPR-topics TSV: one record a line
-            with _open_text(file) as fh:
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        yield str(file), i, line.rstrip("\n")
+            tasks.append(("json", f, f.uri, 0, -1))
+        else:  # .jsonl.gz, .tsv.gz, .txt.gz: a compressed stream is read from its start
+            tasks.append(("lines", f, f.uri, 0, -1))
+    return tasks
 
 
-def _open_text(file: Path):
-    if file.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(file), encoding="utf-8")
-    return open(file, encoding="utf-8")
+def read_task(kind: str, file: Location, source: str, start: int, end: int,
+              block_rows: int = RAW_BLOCK_ROWS) -> Iterator[pa.Table]:
+    """Tables of raw rows (RAW_SCHEMA) of one read task, `block_rows` at a time."""
+    records = _line_records(file, start, end) if kind == "lines" else (
+        _json_records(file) if kind == "json" else _table_records(file, kind))
+    rows: list[tuple] = []
+    for record in records:
+        rows.append((source, *record))
+        if len(rows) == block_rows:
+            yield _raw_block(rows)
+            rows = []
+    if rows:
+        yield _raw_block(rows)
 
 
-def _iter_json_array(file: Path) -> Iterator[tuple[str, int, str]]:
-    with _open_text(file) as fh:
-        text = fh.read()
+def iter_raw(path: str | Location) -> Iterator[tuple[str, int, str, str | None]]:
+    """(source, line, raw, read_error) for every record of the input, in file order, in this process
+    (tests, small inputs); the jobs read on the cluster with `read_raw`."""
+    for task in raw_tasks(path):
+        for table in read_task(*task):
+            yield from zip(*(table.column(c).to_pylist() for c in RAW_SCHEMA.names))
+
+
+def _line_records(file: Location, start: int, end: int) -> Iterator[tuple[int, str, str | None]]:
+    """(byte offset, text, read error) of every non-blank line whose first byte lies in [start, end)
+    (end -1: to the end of a compressed stream)."""
+
+    if end < 0:  # a compressed stream, read from its start (pyarrow decompresses it: detected from the name)
+        with file.fs.open_input_stream(file.path) as raw:
+            base, chunk = 0, raw.read()
+    else:
+        base, chunk = _byte_range(file, start, end)
+    if base == 0 and chunk.startswith(BOM):
+        chunk, base = chunk[len(BOM):], len(BOM)
+    pos = 0
+    while pos < len(chunk):
+        nl = chunk.find(b"\n", pos)
+        stop = len(chunk) if nl < 0 else nl
+        line = chunk[pos:stop].rstrip(b"\r")
+        if line.strip():
+            yield (base + pos, *_decode(line))
+        pos = stop + 1
+
+
+def _byte_range(file: Location, start: int, end: int) -> tuple[int, bytes]:
+    """The bytes of the lines whose first byte lies in [start, end): (offset of the first, bytes)."""
+    with file.fs.open_input_file(file.path) as f:
+        size = f.size()
+        lo = max(start - 1, 0)
+        data = f.read_at(min(end, size) - lo, lo)
+        first = 0
+        if start > 0:  # a line starts at `start` only when the byte before it is a newline
+            nl = data.find(b"\n")
+            first = nl + 1 if nl >= 0 else len(data)
+        tail = b""
+        if end < size and not data.endswith(b"\n"):  # finish the last line, which runs past `end`
+            pos = end
+            while pos < size:
+                more = f.read_at(min(1 << 16, size - pos), pos)
+                nl = more.find(b"\n")
+                tail += more if nl < 0 else more[:nl + 1]
+                pos += len(more)
+                if nl >= 0:
+                    break
+    return lo + first, data[first:] + tail
+
+
+def _decode(line: bytes) -> tuple[str, str | None]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return (line.decode("utf-8", "backslashreplace"),
+                f"the line is not valid UTF-8 (byte {e.start}: {line[e.start:e.start + 1]!r}); save the file as UTF-8")
+
+
+def _json_records(file: Location) -> Iterator[tuple[int, str, str | None]]:
+    """A .json file: an array of records (or an {id: record} mapping, as ASQA ships), or JSON lines."""
+
+    data = file.read_bytes()  # decompressed by pyarrow for .json.gz
+    text, error = _decode(data.removeprefix(BOM))
+    if error:
+        yield 0, text[:10000], error.replace("the line is", "the file is")
+        return
+    try:
+        records = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         # Some ".json" files are really JSON lines.
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                yield str(file), i, line
+                yield i, line, None
         return
+    for i, record in enumerate(_array_records(records), 1):
+        yield i, _to_json(record), None
+
+
+def _array_records(data) -> list:
     if isinstance(data, dict):
         # ASQA releases are {"dev": {id: row}} or {id: row}; keep the key as the id.
-        if len(data) == 1 and isinstance(next(iter(data.values())), dict) and all(
-            isinstance(v, dict) for v in next(iter(data.values())).values()
-        ):
-            data = next(iter(data.values()))
-        items = []
-        for key, value in data.items():
-            if isinstance(value, dict) and "id" not in value:
-                value = {"id": key, **value}
-            items.append(value)
-        data = items
-    if not isinstance(data, list):
-        data = [data]
-    for i, record in enumerate(data, 1):
-        yield str(file), i, json.dumps(record, ensure_ascii=False, default=str)
+        values = list(data.values())
+        if len(data) == 1 and isinstance(values[0], dict) and all(isinstance(v, dict) for v in values[0].values()):
+            data = values[0]
+        return [{"id": key, **value} if isinstance(value, dict) and "id" not in value else value
+                for key, value in data.items()]
+    return data if isinstance(data, list) else [data]
 
 
-def _iter_parquet(file: Path) -> Iterator[tuple[str, int, str]]:
+def _table_records(file: Location, kind: str) -> Iterator[tuple[int, str, str | None]]:
+    """The rows of a Parquet file or of a Hugging Face dataset's Arrow stream file, as JSON text."""
     import pyarrow.parquet as pq
 
-    line = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=RAW_BLOCK_ROWS):
+    if kind == "parquet":
+        batches = pq.ParquetFile(file.fs.open_input_file(file.path)).iter_batches(batch_size=RAW_BLOCK_ROWS)
+    else:
+        batches = pa.ipc.open_stream(file.fs.open_input_stream(file.path))
+    position = 0
+    for batch in batches:
         for record in batch.to_pylist():
-            line += 1
-            yield str(file), line, json.dumps(record, ensure_ascii=False, default=str)
+            position += 1
+            yield position, _to_json(record), None
 
 
-def _iter_hf(path: Path) -> Iterator[tuple[str, int, str]]:
-    import datasets
+def _to_json(record) -> str:
+    """JSON text of a record; bytes that are UTF-8 text become strings (some writers store text as binary),
+    other bytes a {"$binary": hex} object, which validation rejects as not a string."""
+    def default(value):
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"$binary": value.hex()}
+        return str(value)
 
-    loaded = datasets.load_from_disk(str(path))
-    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
-    for split, ds in splits:
-        source = f"{path}:{split}" if split else str(path)
-        for i, record in enumerate(ds, 1):
-            yield source, i, json.dumps(record, ensure_ascii=False, default=str)
+    text = json.dumps(record, ensure_ascii=False, default=default)
+    return text if _is_text(text) else json.dumps(record, default=default)  # escapes what is not text
 
 
-def read_raw(path: str | Path, block_rows: int = RAW_BLOCK_ROWS):
-    """A Ray Dataset of raw rows `{source, line, raw}` in blocks of `block_rows`.
-
-    Files are read on the driver (QA inputs are small next to the work done per row; the
-    passage corpus is indexed separately), then shared out as blocks for parsing on the cluster.
-    A block is the unit an actor pool receives and the unit written to Parquet, so jobs pass their
-    generation batch size: smaller blocks spread over every generation actor and land sooner.
-    """
+def read_raw(path: str | Location, block_rows: int = RAW_BLOCK_ROWS):
+    """A Ray Dataset of raw rows (RAW_SCHEMA), read by Ray tasks on the cluster (one per file, or per byte
+    range of a large one-record-a-line file), so the input never passes through the driver; blocks of at
+    most `block_rows` rows. A block is the unit an actor pool receives and the unit written to Parquet,
+    so jobs pass their generation batch size: smaller blocks spread over every generation actor and land
+    sooner. Raises InputError at once for a missing input."""
     import ray
 
-    blocks, rows = [], []
-    for record in iter_raw(path):
-        rows.append(record)
-        if len(rows) == block_rows:
-            blocks.append(_raw_block(rows))
-            rows = []
-    if rows or not blocks:
-        blocks.append(_raw_block(rows))
-    return ray.data.from_arrow(blocks)
+    tasks = raw_tasks(path)
+    # from_items: the pieces' indices are made on the driver, so no read task competes for CPUs with the
+    # actor pools (ray.data.range would take a whole CPU and, on a small node, wait for one forever)
+    return ray.data.from_items([{"id": i} for i in range(len(tasks))], override_num_blocks=len(tasks)).map_batches(
+        _read_tasks, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        fn_kwargs={"tasks": tasks, "block_rows": block_rows})
 
 
-def _raw_block(rows: list[tuple[str, int, str]]) -> pa.Table:
-    source, line, raw = zip(*rows) if rows else ((), (), ())
-    return pa.table([pa.array(source, pa.string()), pa.array(line, pa.int64()), pa.array(raw, pa.string())],
-                    schema=RAW_SCHEMA)
+def _read_tasks(batch: pa.Table, tasks: list[tuple], block_rows: int) -> Iterator[pa.Table]:
+    """Stage `read` (a task per input piece): reads id (the piece's index in `tasks`: kind, file, source,
+    start, end); yields raw rows."""
+    for i in batch.column("id").to_pylist():
+        yield from read_task(*tasks[i], block_rows=block_rows)
+
+
+def _raw_block(rows: list[tuple]) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [(), (), (), ()]
+    return pa.table([pa.array(col, field.type) for col, field in zip(columns, RAW_SCHEMA)], schema=RAW_SCHEMA)
 
 
 # --- step 2: one raw row -> one QA row --------------------------------------------------------------
@@ -206,9 +310,14 @@ def load_record(raw: str) -> dict:
             record = json.loads(text)
         except json.JSONDecodeError as e:
             raise RowError("invalid_json", f"the line is not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise RowError("invalid_json", "the record is nested too deeply to read (thousands of levels)") from None
         return record
     if "\t" in text:
         return _dpr_topics_line(text)
+    if text in ("[", "[{"):
+        raise RowError("not_an_object", "this line opens a JSON array: the file is one pretty-printed JSON array, "
+                                         "not JSON lines; name it .json (arrays are read whole) or write one object per line")
     if text.startswith(("[", '"')) or text[:1].isdigit():
         raise RowError("not_an_object", "each record must be a JSON object with question and answers")
     raise RowError("invalid_json", "the line is neither a JSON object nor a 'question<TAB>answers' DPR-topics line")
@@ -341,6 +450,8 @@ def _ctxs(value: Any) -> list[dict] | None:
                 raise RowError("bad_ctxs", f"ctxs[{i}].score {score!r} is not a number") from None
             if math.isnan(score):
                 score = None
+            elif math.isinf(score):
+                raise RowError("bad_ctxs", f"ctxs[{i}].score is {score}; scores must be finite numbers")
         did = doc.get("id")
         did = "" if did is None else str(did)
         ctxs.append({"id": did, "title": title, "text": text, "score": score})
@@ -359,37 +470,80 @@ def parse_batch(batch: pa.Table, dataset: str) -> pa.Table:
     for row in batch.to_pylist():
         raw = row["raw"]
         try:
-            qa = parse_record(load_record(raw), dataset)
+            if row.get("read_error"):
+                raise RowError("invalid_utf8", f"{row['read_error']} (at byte offset {row['line']})")
+            try:
+                qa = parse_record(load_record(raw), dataset)
+            except UnicodeEncodeError:  # a lone surrogate reached the derived id's hash
+                raise RowError("invalid_text", "a field holds a lone UTF-16 surrogate (such as \\ud800), which is "
+                                               "not text; fix the escape") from None
+            _check_text(qa)
             qa.update(ctxs_source="given" if qa["ctxs"] else None, reject_stage=None, reject_reason=None,
                       reject_detail=None)
         except RowError as e:
             qa = {"id": _best_effort_id(raw), "dataset": _best_effort_dataset(raw, dataset), "question": None,
                   "answers": None, "qa_pairs": None, "ctxs": None, "ctxs_source": None,
                   "reject_stage": "validate", "reject_reason": e.reason, "reject_detail": e.detail}
-        qa.update(source=row["source"], line=row["line"], original=raw)
+        qa.update(source=row["source"], line=row["line"], original=safe_text(raw))
         out.append(qa)
     return pa.Table.from_pylist(out, schema=FLIGHT_SCHEMA)
+
+
+def _check_text(qa: dict) -> None:
+    """Every string of a QA row is writable text: no lone surrogate (a "\\ud800" escape in the JSON) and
+    no NUL character."""
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    for text in strings(qa):
+        if "\x00" in text:
+            raise RowError("invalid_text", "a field holds a NUL character (\\u0000); remove it")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError("invalid_text", "a field holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                                           "text; fix the escape") from None
 
 
 def _best_effort_id(raw: str) -> str:
     try:
         record = json.loads(raw)
         rid = record.get("id") if isinstance(record, dict) else None
-        if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "":
+        if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "" and _is_text(str(rid)):
             return str(rid)
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         pass
-    return raw_id(raw)
+    return raw_id(safe_text(raw))
 
 
 def _best_effort_dataset(raw: str, dataset: str) -> str:
     try:
         record = json.loads(raw)
-        if isinstance(record, dict) and isinstance(record.get("dataset"), str):
+        if isinstance(record, dict) and isinstance(record.get("dataset"), str) and _is_text(record["dataset"]):
             return record["dataset"]
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         pass
     return dataset
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return "\x00" not in value
+    except UnicodeEncodeError:
+        return False
+
+
+def safe_text(value: str) -> str:
+    """`value` as writable UTF-8 text (a lone surrogate becomes a backslash escape)."""
+    return value if _is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _nullable(name: str, column: str) -> pa.Field:

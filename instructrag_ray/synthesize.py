@@ -9,8 +9,8 @@ Every stage is a function or a callable class taking and returning a pyarrow bat
 
 from __future__ import annotations
 
-import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -19,11 +19,13 @@ from . import output, prompts, read
 from .answers import has_answer
 from .cli import init_ray
 from .config import SynthesizeConfig
+from .errors import InputError
 from .generation.stage import generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
-from .retrieval.stage import check_retrieval, retrieve
+from .retrieval.stage import check_retrieval, index_fingerprint, retrieve
 from .rows import add_columns, ok_rows, reject, require, select_rows
+from .storage import check_location, location
 
 # Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
 # (an actor pool that takes every CPU starves the read/map tasks and the job hangs silently).
@@ -96,25 +98,29 @@ class Plan:
 
 
 def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
-    """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
+    """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows. Only
+    the id columns reach the driver. The k-th copy of an id (k >= 2) was handled by an earlier run when
+    at least k-1 of its extra copies are already rejected, so every copy ends up once, whatever `limit`
+    the earlier runs had."""
     import ray
 
     refs = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
     keep: set | None = set() if limit else None
-    seen, duplicates = set(), {}
+    copies: Counter = Counter()
+    duplicates = {}
     considered = rows[:limit] if limit else rows
     skipped = need = 0
     for row in considered:
         position = (row["source"], row["line"])
         if keep is not None:
             keep.add(position)
-        if row["id"] in seen:
-            duplicates[position] = row["id"] in existing.duplicate_ids
+        copies[row["id"]] += 1
+        if copies[row["id"]] > 1:
+            duplicates[position] = copies[row["id"]] - 1 <= existing.duplicate_counts[row["id"]]
             skipped += duplicates[position]
         else:
-            seen.add(row["id"])
             done = row["id"] in existing.ids
             skipped += done
             need += not done and row["reject_stage"] is None and row["ctxs_source"] is None
@@ -124,36 +130,65 @@ def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
 
 
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
-    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json)."""
+    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json).
+
+    Every check runs before anything is written or deleted (overwrite=true included) and, but for those
+    that need the rows, before Ray starts: input, output, model, index; then the id pass (on the cluster)
+    and the checks that need it; then the output is prepared and the chain runs."""
     started = time.time()
-    fingerprint = cfg.fingerprint()
-    existing = output.prepare_output(cfg.output, fingerprint, cfg.overwrite)
-    # Fail early on a model that does not load (the prompt stage needs its tokenizer and chat template,
-    # even for the template baseline); this also builds the tiny model once on the driver's node.
-    load_chat_tokenizer("generation.model", cfg.generation.model)
+    out, index_fp = check_synthesis(cfg)
+    fingerprint = cfg.fingerprint(index_fp)
+    existing = output.scan_output(out)
+    output.refuse_other_settings(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
     init_ray(cfg.ray_address)
 
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
     parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
         read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
-    plan = plan_rows(parsed, existing, cfg.limit)
+    plan = plan_rows(parsed, output.ExistingOutput() if cfg.overwrite else existing, cfg.limit)
+    if not plan.total:
+        raise InputError(f"input {cfg.input} holds no rows (every line is blank); pass a QA file with records")
+    check_retrieval(cfg.retrieval, plan.need_retrieval)
+    existing = output.prepare_output(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
     if existing.retry_ids:
         n = len(existing.retry_ids)
         log(f"{n} row{'s' if n != 1 else ''} rejected by an earlier run for a passing failure (a model server or "
             "search cluster error) will be tried again")
-    check_retrieval(cfg.retrieval, plan.need_retrieval)
+    if existing.removed_duplicates:
+        log(f"removed {existing.removed_duplicates} rows committed twice (the first copy of each id is kept)")
 
-    stats = synthesis_chain(parsed, cfg, plan, existing, fingerprint)
-    run = _follow(stats, plan.todo, cfg.progress_interval_s)
-    manifest = synthesis_manifest(cfg, fingerprint, plan, run, time.time() - started)
-    output.write_manifest(cfg.output, manifest)
+    run_ = output.new_run(out)
+    output.discard_staging(out)
+    commit = output.Committer(run_)
+    stats = synthesis_chain(parsed, cfg, plan, existing, fingerprint, run_)
+    run = _follow(stats, plan.todo, cfg.progress_interval_s, commit)
+    commit.finish()
+    merged = output.compact(out, [output.RATIONALES, output.REJECTED], cfg.rows_per_file)
+    output.ensure_tables(out, {output.RATIONALES: "rationales", output.REJECTED: "rejected"})
+    output.write_card(out, [output.RATIONALES, output.REJECTED], output.RATIONALES, CARD)
+    manifest = synthesis_manifest(cfg, fingerprint, plan, {**run, "files_merged": merged}, time.time() - started)
+    output.write_manifest(out, manifest)
     _summary(manifest)
     return manifest
 
 
-def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, fingerprint: str):
+def check_synthesis(cfg: SynthesizeConfig):
+    """The checks that need no Ray: the input exists and holds QA files, the output is writable, the model
+    loads with a chat template, a configured index is there. Returns (output location, index fingerprint)."""
+    inp, out = location(cfg.input, "input"), location(cfg.output, "output")
+    check_location(inp, "input")
+    read.raw_tasks(inp)  # a directory without QA files fails here
+    check_location(out, "output", write=True)
+    # the prompt stage needs the tokenizer and chat template, even for the template baseline; this also
+    # builds the tiny model once on the driver's node
+    load_chat_tokenizer("generation.model", cfg.generation.model)
+    return out, index_fingerprint(cfg.retrieval)
+
+
+def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, fingerprint: str,
+                    run: output.Run):
     """select -> retrieve -> prompt -> generate -> check -> write, with the resources of the config."""
     import ray
 
@@ -173,7 +208,7 @@ def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.
     ds = ds.map_batches(check_batch, batch_format="pyarrow", fn_kwargs={"num_docs": cfg.prompt.num_docs},
                         num_cpus=TASK_CPUS)
     return ds.map_batches(output.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                          fn_kwargs={"output": cfg.output, "fingerprint": fingerprint})
+                          fn_kwargs={"run": run, "fingerprint": fingerprint})
 
 
 def synthesis_manifest(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, run: dict, wall: float) -> dict:
@@ -185,13 +220,13 @@ def synthesis_manifest(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, run:
         "this_run": {**run, "resumed_rows_skipped": plan.skipped, "wall_time_s": round(wall, 2),
                      "rows_per_s": round(done / wall, 3) if wall else None,
                      "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
-        "totals": output.output_totals(cfg.output),
-        "outputs": {"rationales": os.path.join(cfg.output, output.RATIONALES),
-                    "rejected": os.path.join(cfg.output, output.REJECTED)},
+        "totals": output.output_totals(location(cfg.output)),
+        "outputs": {"rationales": str(location(cfg.output) / output.RATIONALES),
+                    "rejected": str(location(cfg.output) / output.REJECTED)},
     }
 
 
-def _follow(stats, todo: int, interval: float) -> dict:
+def _follow(stats, todo: int, interval: float, commit) -> dict:
     """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
     def progress(run: dict, elapsed: float) -> None:
         done = run["written"] + run["rejected"]
@@ -201,7 +236,12 @@ def _follow(stats, todo: int, interval: float) -> dict:
             f"{rate:.2f} rows/s, {run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
 
     return follow(stats, ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens"), interval,
-                  progress)
+                  progress, commit)
+
+
+CARD = ("Rationales written by instructrag-ray's synthesis job (InstructRAG, ICLR 2025): `rationales/` holds one "
+        "row per question with its documents, prompt and rationale (schemas/rationales.json); `rejected/` the rows "
+        "that could not be used, with the stage and reason (schemas/rejected.json). `manifest.json` records the run.")
 
 
 def _summary(m: dict) -> None:
@@ -217,4 +257,4 @@ def _summary(m: dict) -> None:
           f"{'n/a' if cons is None else f'{cons:.1%}'}")
     print(f"  rationales          {m['outputs']['rationales']}")
     print(f"  rejected            {m['outputs']['rejected']}")
-    print(f"  manifest            {os.path.join(m['config']['output'], output.MANIFEST)}", flush=True)
+    print(f"  manifest            {location(m['config']['output']) / output.MANIFEST}", flush=True)

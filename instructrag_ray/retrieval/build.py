@@ -23,14 +23,14 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 
 from ..cli import init_ray
 from ..config import BuildIndexConfig, fingerprint
 from ..errors import ClusterError
-from ..output import REJECTED, clear_dir, manifest_header, write_manifest, write_table
+from ..output import REJECTED, manifest_header, write_manifest, write_table
+from ..storage import Location, check_location, location
 from ..rows import rejected_record, rejected_table, require
 
 MANIFEST = "manifest.json"
@@ -61,11 +61,10 @@ def build_fingerprint(cfg: BuildIndexConfig) -> str:
     return fingerprint({"corpus": cfg.corpus, "backend": cfg.backend, **where})
 
 
-def start_report(output: Path) -> None:
+def start_report(output: Location) -> None:
     """A report describes one run: clear the rejects and manifest of an earlier one."""
-    clear_dir(output / REJECTED)
-    (output / MANIFEST).unlink(missing_ok=True)
-    output.mkdir(parents=True, exist_ok=True)
+    (output / REJECTED).delete()
+    (output / MANIFEST).delete()
 
 
 def passage_rejects(rejects: list[dict], fp: str) -> list[dict]:
@@ -75,7 +74,7 @@ def passage_rejects(rejects: list[dict], fp: str) -> list[dict]:
                             "index", r["code"], r["reason"], r["original"], fp) for r in rejects]
 
 
-def write_rejected(records: list[dict], output: Path) -> None:
+def write_rejected(records: list[dict], output: Location) -> None:
     """rejected/part-*.parquet: one file per call (temporary name, then a rename)."""
     write_table(rejected_table(records), output / REJECTED)
 
@@ -96,21 +95,24 @@ def build_tantivy(cfg: BuildIndexConfig) -> dict:
     from .tantivy_index import build_tantivy_index
 
     started = time.time()
-    index = Path(cfg.index)
-    output = Path(cfg.output or f"{index}.build")
+    index = location(cfg.index, "index")
+    output = location(cfg.output or f"{index.uri}.build", "output")
+    passages = read_corpus(cfg.corpus)  # a missing corpus or an unknown layout fails here, before any write
+    check_location(output, "output", write=True)
     log(f"indexing {cfg.corpus} into {index} (tantivy BM25)")
-    stats = build_tantivy_index(read_corpus(cfg.corpus), index, heap_mb=cfg.heap_mb, overwrite=cfg.overwrite)
+    stats = build_tantivy_index(passages, index, heap_mb=cfg.heap_mb, overwrite=cfg.overwrite)
     start_report(output)
     rejected = passage_rejects([{"id": r["id"], "code": r["_code"], "reason": r["_reject"],
                                  "original": r["_original"]} for r in stats["rejected"]], build_fingerprint(cfg))
     write_rejected(rejected, output)
     manifest = _timing({
         **manifest_header("build_index", cfg), "backend": "tantivy", "index": str(index),
+        "index_fingerprint": stats["fingerprint"],
         "input": stats["indexed"] + len(rejected), "indexed": stats["indexed"], "rejected": len(rejected),
         "reject_codes": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "outputs": {"rejected": str(output / REJECTED), "manifest": str(output / MANIFEST)},
     }, started)
-    write_manifest(str(output), manifest)
+    write_manifest(output, manifest)
     log(f"indexed {stats['indexed']} passages, rejected {len(rejected)} ({output / REJECTED}) in "
         f"{manifest['wall_time_s']}s; manifest {output / MANIFEST}")
     return manifest
@@ -154,9 +156,10 @@ def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
     from .elastic.index import finish_index, index_definition, prepare_index
 
     started = time.time()
-    corpus = Path(cfg.corpus).resolve()
-    output = Path(cfg.output)
+    corpus = location(cfg.corpus, "corpus").uri
+    output = location(cfg.output, "output")
     next(iter(read_corpus(corpus)), None)  # a missing file or a wrong layout fails here, not in a task
+    check_location(output, "output", write=True)
     require_client()
     cl = es_connection(cfg, "es_")
     client, info = connect(cl)
@@ -187,12 +190,12 @@ def build_elasticsearch(cfg: BuildIndexConfig) -> dict:
     }, started)
     manifest["load_time_s"] = round(load_s, 2)  # the Ray Data load alone (the job also starts Ray, checks, counts)
     manifest["docs_per_s"] = round(run["indexed"] / load_s, 1) if load_s else None
-    write_manifest(str(output), manifest)
+    write_manifest(output, manifest)
     _report_count_check(cfg, run, check, manifest, output)
     return manifest
 
 
-def _load(cfg: BuildIndexConfig, cl, corpus: Path, output: Path) -> dict:
+def _load(cfg: BuildIndexConfig, cl, corpus: str, output: Location) -> dict:
     """The Ray Data load: one reader task, es_writers BulkWriter actors; returns the summed counts."""
     import ray
 
@@ -204,7 +207,7 @@ def _load(cfg: BuildIndexConfig, cl, corpus: Path, output: Path) -> dict:
     # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.
     context.target_max_block_size = max(1, int(cfg.es_block_mb * 2**20))
     try:
-        ds = ray.data.from_items([{"corpus": str(corpus)}]).map_batches(
+        ds = ray.data.from_items([{"corpus": corpus}]).map_batches(
             read_passages, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
         ds = ds.map_batches(
             BulkWriter, batch_size=None, batch_format="pyarrow", num_cpus=cfg.es_writer_cpus,
@@ -216,7 +219,7 @@ def _load(cfg: BuildIndexConfig, cl, corpus: Path, output: Path) -> dict:
         context.target_max_block_size = block_size
 
 
-def _report_count_check(cfg: BuildIndexConfig, run: dict, check: dict, manifest: dict, output: Path) -> None:
+def _report_count_check(cfg: BuildIndexConfig, run: dict, check: dict, manifest: dict, output: Location) -> None:
     log(f"read {run['input']} passages: indexed {run['indexed']}, rejected {run['rejected']} "
         f"({output / REJECTED}) in {manifest['load_time_s']}s ({manifest['docs_per_s']} docs/s)")
     log(f"count check: {cfg.es_index} holds {check['count']} documents; input - rejected = "
@@ -232,7 +235,7 @@ def _report_count_check(cfg: BuildIndexConfig, run: dict, check: dict, manifest:
             "still there: rerun with overwrite=true to rebuild the index from scratch")
 
 
-def _follow(ds, output: Path, interval: float, started: float, fp: str) -> dict:
+def _follow(ds, output: Location, interval: float, started: float, fp: str) -> dict:
     """Drive the load: sum the writers' rows, write their rejects, print progress every `interval` s."""
     run = {"input": 0, "indexed": 0, "rejected": 0, "requests": 0, "retries": 0, "bytes": 0, "codes": Counter()}
     last = time.time()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import sys
@@ -15,13 +14,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import InputError
+from ..storage import Location, location
 
 CORPUS_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet", ".tsv", ".tsv.gz")
 DUPLICATE_ID = "duplicate id (the first one is indexed)"
 
 
-def read_corpus(path: str | Path) -> Iterator[dict]:
-    """Passages `{"id", "title", "text"}` from a corpus file, in file order.
+def read_corpus(path: str | Path | Location) -> Iterator[dict]:
+    """Passages `{"id", "title", "text"}` from a corpus file (a local path or a URI), in file order.
 
     Layouts, chosen by the extension and, for JSONL, the first record:
     - `.jsonl[.gz]` with `id`, `title`, `text` (title may be absent);
@@ -41,19 +41,20 @@ def read_corpus(path: str | Path) -> Iterator[dict]:
     is not a corpus at all (unknown extension, a TSV or Parquet file without the needed columns)
     raises InputError, and so does a missing path or a directory without corpus files.
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(CORPUS_EXTENSIONS))
+    loc = location(path, "corpus")
+    if loc.is_dir():
+        files = loc.files(CORPUS_EXTENSIONS, recursive=True)
         if not files:
-            raise InputError(f"corpus directory {path} holds no {', '.join(CORPUS_EXTENSIONS)} files")
-        readers = [_file_reader(f, f"{f.relative_to(path)} ") for f in files]  # checks every extension first
+            raise InputError(f"corpus directory {loc.uri} holds no {', '.join(CORPUS_EXTENSIONS)} files")
+        # checks every extension first
+        readers = [_file_reader(f, f"{f.path[len(loc.path):].lstrip('/')} ") for f in files]
         return (passage for reader in readers for passage in reader)
-    if not path.is_file():
-        raise InputError(f"corpus file {path} does not exist")
-    return _file_reader(path, "")
+    if not loc.is_file():
+        raise InputError(f"corpus file {loc.uri} does not exist")
+    return _file_reader(loc, "")
 
 
-def _file_reader(path: Path, prefix: str) -> Iterator[dict]:
+def _file_reader(path: Location, prefix: str) -> Iterator[dict]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path, prefix)
@@ -64,13 +65,12 @@ def _file_reader(path: Path, prefix: str) -> Iterator[dict]:
     raise InputError(f"corpus file {path}: unknown extension; supported: {', '.join(CORPUS_EXTENSIONS)}")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def _open_text(path: Location) -> io.TextIOBase:
+    # pyarrow decompresses a .gz stream itself (compression is detected from the file name)
+    return io.TextIOWrapper(path.fs.open_input_stream(path.path), encoding="utf-8", newline="")
 
 
-def _read_jsonl(path: Path, prefix: str) -> Iterator[dict]:
+def _read_jsonl(path: Location, prefix: str) -> Iterator[dict]:
     contents_layout: bool | None = None  # decided by the first JSON object
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
@@ -90,10 +90,10 @@ def _read_jsonl(path: Path, prefix: str) -> Iterator[dict]:
             yield _from_contents(record, where) if contents_layout else clean_passage(record, where)
 
 
-def _read_parquet(path: Path, prefix: str) -> Iterator[dict]:
+def _read_parquet(path: Location, prefix: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path.fs.open_input_file(path.path))
     names = set(pf.schema_arrow.names)
     if "id" not in names or not ({"text", "contents"} & names):
         raise InputError(f"corpus file {path}: Parquet columns {sorted(names)} lack id and text (or id and contents)")
@@ -107,7 +107,7 @@ def _read_parquet(path: Path, prefix: str) -> Iterator[dict]:
             yield _from_contents(record, where) if contents_layout else clean_passage(record, where)
 
 
-def _read_dpr_tsv(path: Path, prefix: str) -> Iterator[dict]:
+def _read_dpr_tsv(path: Location, prefix: str) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)  # a passage can exceed csv's 128 KiB field default
     with _open_text(path) as f:
         reader = csv.reader(f, delimiter="\t")

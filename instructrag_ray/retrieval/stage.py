@@ -96,6 +96,18 @@ def check_retrieval(r: RetrievalConfig, rows_without_ctxs: int, alternative: str
     check_search_index(es_connection(r, "retrieval.es_"), r.es_index, r.fields)
 
 
+def index_fingerprint(r: RetrievalConfig) -> str:
+    """The content fingerprint of the configured tantivy index ('' when none is set, or for Elasticsearch):
+    it goes into the job fingerprints, so a rerun against a rebuilt index is not mixed with the old one."""
+    if r.backend != "tantivy" or not r.index_path:
+        return ""
+    from .tantivy_index import check_index
+    from .tantivy_index import index_fingerprint as fingerprint_of
+
+    check_index(r.index_path)
+    return fingerprint_of(r.index_path)
+
+
 def retrieve(ds, r: RetrievalConfig):
     """Add stage `retrieve` to the chain `ds`: an autoscaling actor pool of retrieval.min/max_actors."""
     import ray

@@ -5,6 +5,7 @@ The index is memory-mapped, so every retrieval actor on a node shares one copy i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import InputError, OutputConflict
+from ..storage import Location, directory_fingerprint, location, node_local_copy
 from .base import Hit, QueryFailure, analyze, check_fields, check_k, parse_fields
 from .corpus import checked_passages
 
@@ -19,11 +21,45 @@ from .corpus import checked_passages
 _MIN_HEAP_PER_THREAD = 15_000_000
 
 
-def check_index(index_dir: str | Path) -> None:
-    """Raise InputError unless `index_dir` holds a tantivy index."""
-    if not (Path(index_dir) / "meta.json").is_file():
-        raise InputError(f"no tantivy index at {index_dir} (no meta.json there); build one with "
+INDEX_META = "instructrag_index.json"  # written last by a build: the content fingerprint and counts
+
+
+def check_index(index_dir: str | Location) -> None:
+    """Raise InputError unless `index_dir` (a local directory or a URI) holds a tantivy index."""
+    loc = location(index_dir, "retrieval.index_path")
+    if not (loc / "meta.json").is_file():
+        raise InputError(f"no tantivy index at {loc.uri} (no meta.json there); build one with "
                          "`python jobs/build_index.py --corpus PASSAGES --index DIR` and pass retrieval.index_path=DIR")
+
+
+def index_fingerprint(index_dir: str | Location) -> str:
+    """The content fingerprint recorded by the build (an index built before builds recorded one, when
+    local, is hashed now; '' for such an index at a URI)."""
+    loc = location(index_dir, "retrieval.index_path")
+    meta = loc / INDEX_META
+    if meta.is_file():
+        return json.loads(meta.read_text())["fingerprint"]
+    return content_fingerprint(Path(loc.path)) if loc.local else ""
+
+
+def local_index(index_dir: str | Location) -> Path:
+    """A local directory with the index: itself when local; else a copy on this node's disk, made once
+    (storage.node_local_copy) and checked against the fingerprint its build recorded."""
+    loc = location(index_dir, "retrieval.index_path")
+    if loc.local:
+        return Path(loc.path)
+    check_index(loc)
+    expected = index_fingerprint(loc)
+    path = node_local_copy(loc.uri, "indexes", expected)
+    if expected and content_fingerprint(path) != expected:
+        raise InputError(f"the copy of {loc.uri} on this node does not match the fingerprint its build recorded; "
+                         f"delete {path} and rerun, or rebuild the index")
+    return path
+
+
+def content_fingerprint(index_dir: Path) -> str:
+    """The fingerprint of an index directory's own files (the build's record and copy markers left out)."""
+    return directory_fingerprint(index_dir, skip=(INDEX_META, ".complete"))
 
 
 def _schema():
@@ -38,36 +74,61 @@ def _schema():
     return sb.build()
 
 
-def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap_mb: int = 256,
+def build_tantivy_index(passages: Iterable[dict], index_dir: str | Location, *, heap_mb: int = 256,
                         overwrite: bool = False) -> dict:
-    """Index passages into a tantivy index at `index_dir`; returns {"indexed": n, "rejected": [...]}.
+    """Index passages into a tantivy index at `index_dir` (a local directory or a URI); returns
+    {"indexed": n, "rejected": [...], "fingerprint": ...}.
 
     `passages` are dicts {"id", "title", "text"}, e.g. from `read_corpus`; what `checked_passages`
-    rejects (reject dicts, no text, non-string fields, a repeated id: the first passage with the id
-    is kept) is not indexed but listed as checked_passages yields it ({"id", "_reject", "_code", "_original"}). The index is built in a sibling temporary
-    directory and moved into place when committed, so a failed build leaves no half index.
+    rejects (reject dicts, no text, non-string fields, a repeated id: the first passage with the id is
+    kept) is not indexed but listed as checked_passages yields it ({"id", "_reject", "_code",
+    "_original"}). The index is built in a temporary local directory, its content fingerprint recorded
+    in INDEX_META, then moved (or uploaded) into place, so a failed build leaves no half index.
 
-    Refuses (OutputConflict) an existing non-empty `index_dir` unless `overwrite`; even then it
-    only replaces a directory that holds a tantivy index. `heap_mb` is the indexing memory, split
-    over up to 8 threads of at least 15 MB each.
+    Refuses (OutputConflict) an existing non-empty `index_dir` unless `overwrite`; even then it only
+    replaces a directory that holds a tantivy index. `heap_mb` is the indexing memory, split over up to
+    8 threads of at least 15 MB each.
     """
-    import tantivy
-
-    index_dir = Path(index_dir)
+    loc = location(index_dir, "index")
     if heap_mb * 1_000_000 < _MIN_HEAP_PER_THREAD:
         raise InputError(f"heap_mb={heap_mb}: tantivy needs at least {_MIN_HEAP_PER_THREAD // 1_000_000} MB")
-    if index_dir.exists():
-        if not index_dir.is_dir():
-            raise OutputConflict(f"index {index_dir} exists and is not a directory; choose another --index")
-        if any(index_dir.iterdir()):
-            if not overwrite:
-                raise OutputConflict(f"index {index_dir} is not empty; pass overwrite=true to replace the index "
-                                     "there, or choose another --index")
-            if not (index_dir / "meta.json").is_file():
-                raise OutputConflict(f"index {index_dir} is not empty and holds no tantivy index (no meta.json); "
-                                     "refusing to delete it, choose another --index")
-    index_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.building-", dir=index_dir.parent))
+    _check_target(loc, overwrite)
+    if loc.local:
+        Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(loc.path).parent if loc.local else None  # a sibling, so the final move is a rename
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{loc.name}.building-", dir=scratch))
+    try:
+        stats = _index_passages(passages, tmp_dir, heap_mb)
+        stats["fingerprint"] = content_fingerprint(tmp_dir)
+        (tmp_dir / INDEX_META).write_text(json.dumps({"fingerprint": stats["fingerprint"],
+                                                      "passages": stats["indexed"]}) + "\n")
+        if loc.local:
+            if Path(loc.path).exists():
+                shutil.rmtree(loc.path)
+            os.replace(tmp_dir, loc.path)
+        else:
+            loc.upload_from(tmp_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return stats
+
+
+def _check_target(loc: Location, overwrite: bool) -> None:
+    if loc.is_file():
+        raise OutputConflict(f"index {loc.uri} exists and is not a directory; choose another --index")
+    if not loc.is_dir() or not (loc.files(recursive=True) or loc.subdirs()):
+        return
+    if not overwrite:
+        raise OutputConflict(f"index {loc.uri} is not empty; pass overwrite=true to replace the index "
+                             "there, or choose another --index")
+    if not (loc / "meta.json").is_file():
+        raise OutputConflict(f"index {loc.uri} is not empty and holds no tantivy index (no meta.json); "
+                             "refusing to delete it, choose another --index")
+
+
+def _index_passages(passages: Iterable[dict], tmp_dir: Path, heap_mb: int) -> dict:
+    import tantivy
+
     writer = index = None
     try:
         heap = heap_mb * 1_000_000
@@ -84,14 +145,9 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap
             indexed += 1
         writer.commit()
         writer.wait_merging_threads()
-        if index_dir.exists():
-            shutil.rmtree(index_dir)
-        os.replace(tmp_dir, index_dir)
-    except BaseException:
+    finally:
         # Drop the writer first: while alive, its threads hold (and may still create) files there.
         writer = index = None  # noqa: F841
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return {"indexed": indexed, "rejected": rejected}
 
 
@@ -100,16 +156,18 @@ class TantivyRetriever:
     for the exact query and tie order).
 
     The index is opened once, memory-mapped: several retrievers, in one process or many (Ray
-    actors on a node), share one copy of the index in the page cache. It pickles as (index_dir,
-    fields) and reopens on the other side.
+    actors on a node), share one copy of the index in the page cache. An index at a URI is first
+    copied to the node's local disk, once per node (`local_index`). It pickles as (index_dir, fields)
+    and reopens on the other side.
     """
 
     def __init__(self, index_dir: str | Path, fields: dict[str, float] | str | list[str] = "title,text"):
         import tantivy
 
-        self.index_dir = Path(index_dir)
+        self.source = str(index_dir)  # as configured: a local directory or a URI
         self.fields = check_fields(dict(fields), fields) if isinstance(fields, dict) else parse_fields(fields)
-        check_index(self.index_dir)
+        check_index(self.source)
+        self.index_dir = local_index(self.source)
         self._tantivy = tantivy
         index = tantivy.Index.open(str(self.index_dir))
         self._schema = index.schema
@@ -122,7 +180,7 @@ class TantivyRetriever:
                                  "was it built by build_tantivy_index?") from None
 
     def __reduce__(self):
-        return (TantivyRetriever, (str(self.index_dir), dict(self.fields)))
+        return (TantivyRetriever, (self.source, dict(self.fields)))
 
     @property
     def num_docs(self) -> int:

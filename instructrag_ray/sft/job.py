@@ -6,11 +6,9 @@ See the package docstring for the output layout, resume and the loss.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 
 from ..config import TrainConfig, parse_resources, to_dict
@@ -18,6 +16,7 @@ from ..errors import InputError, OutputConflict, TrainingError
 from ..models import load_chat_tokenizer
 from ..output import manifest_header, write_manifest, write_table
 from ..rows import rejected_record, rejected_table
+from ..storage import Location, check_location, dumps, location
 from .examples import INPUT_COLUMNS, ExampleStage, TemplateError, ft_texts, trainable
 from .loop import deepspeed_config, log, plan_steps, resolve_precision, train_loop_per_worker
 
@@ -27,40 +26,39 @@ CHECKPOINTS, MODEL, METRICS, REJECTED, RUN, MANIFEST = (
 TASK_CPUS = 0.1
 
 
-def rationale_files(path: str) -> list[str]:
-    """Parquet files of a synthesis output (its rationales/), a directory of Parquet files, or one file."""
-    p = Path(path)
+def rationale_files(path: str) -> list[Location]:
+    """Parquet files of a synthesis output (its rationales/), a directory of Parquet files, or one file
+    (local or at a URI)."""
+    p = location(path, "input")
     if not p.exists():
         raise InputError(f"input {path} does not exist; pass --input a jobs/synthesize.py output directory")
     if p.is_file():
-        return [str(p)]
+        return [p]
     if (p / "rationales").is_dir():
         p = p / "rationales"
-    files = sorted(str(f) for f in p.glob("*.parquet"))
+    files = p.files((".parquet",))
     if not files:
         raise InputError(f"input {path} holds no Parquet files (expected jobs/synthesize.py's output)")
     return files
 
 
 def prepare_output(cfg: TrainConfig, fingerprint: str) -> bool:
-    """Resume, clear (overwrite) or refuse an output directory; True when it holds a finished run."""
-    out = Path(cfg.output)
+    """Resume, clear (overwrite) or refuse an output; True when it holds a finished run. Call it after the
+    other checks: with overwrite it deletes the old output."""
+    out = location(cfg.output, "output")
     run_file = out / RUN
     if run_file.is_file():
         old = json.loads(run_file.read_text())["fingerprint"]
         if old != fingerprint and not cfg.overwrite:
             raise OutputConflict(
-                f"{cfg.output} holds a training run with other settings (fingerprint {old}, now {fingerprint}); "
+                f"{out.uri} holds a training run with other settings (fingerprint {old}, now {fingerprint}); "
                 "use a new --output, or pass overwrite=true to delete it and start again")
         if old != fingerprint or cfg.overwrite:
-            for name in (CHECKPOINTS, MODEL, REJECTED):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in (METRICS, RUN, MANIFEST):
-                (out / name).unlink(missing_ok=True)
+            for name in (CHECKPOINTS, MODEL, REJECTED, METRICS, RUN, MANIFEST):
+                (out / name).delete()
     elif cfg.overwrite:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint, "config": to_dict(cfg)}, indent=2) + "\n")
+        (out / CHECKPOINTS).delete()
+    run_file.write_bytes(dumps({"fingerprint": fingerprint, "config": to_dict(cfg)}))
     manifest = out / MANIFEST
     return (manifest.is_file() and (out / MODEL).is_dir()
             and json.loads(manifest.read_text()).get("completed") is True and not cfg.max_steps)
@@ -68,7 +66,7 @@ def prepare_output(cfg: TrainConfig, fingerprint: str) -> bool:
 
 def synthesis_num_docs(path: str) -> int | None:
     """prompt.num_docs of the synthesis run that wrote the rationales (its manifest.json), when known."""
-    p = Path(path)
+    p = location(path, "input")
     for manifest in (p / MANIFEST, p.parent / MANIFEST, p.parent.parent / MANIFEST):
         if manifest.is_file():
             try:
@@ -107,7 +105,8 @@ def build_examples(cfg: TrainConfig, num_docs: int):
     """Ray Data: read the rationales, build examples; returns the materialized dataset (input order)."""
     import ray
 
-    ds = ray.data.read_parquet(rationale_files(cfg.input), columns=INPUT_COLUMNS)
+    files = rationale_files(cfg.input)
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=INPUT_COLUMNS)
     # Input order everywhere: the order (and so the data position of a checkpoint) must be the same
     # every time the job runs on the same input.
     ds.context.execution_options.preserve_order = True
@@ -155,10 +154,10 @@ def summarize_examples(examples) -> tuple[dict, list[dict]]:
     return summary, rejected
 
 
-def write_rejected(output: str, rows: list[dict], fingerprint: str) -> None:
+def write_rejected(output: Location, rows: list[dict], fingerprint: str) -> None:
     """rejected/ (schemas/rejected.json): rebuilt from the same input on every run."""
-    directory = Path(output) / REJECTED
-    shutil.rmtree(directory, ignore_errors=True)
+    directory = output / REJECTED
+    directory.delete()
     write_table(rejected_table([rejected_record(r["id"], r["dataset"], r["reject_stage"], r["reject_reason"],
                                                 r["reject_detail"], r["original"], fingerprint) for r in rows]),
                 directory)
@@ -170,8 +169,9 @@ def run_training(cfg: TrainConfig) -> dict:
 
     started = time.time()
     fingerprint = cfg.fingerprint()
-    out = Path(cfg.output).resolve()
+    out = location(cfg.output, "output")
     rationale_files(cfg.input)  # a missing input fails before the output is touched
+    check_location(out, "output", write=True)
     path = check_model(cfg.model)
     if prepare_output(cfg, fingerprint):
         log(f"{out} already holds the finished run with these settings (model in {out / MODEL}); nothing to do")
@@ -183,7 +183,7 @@ def run_training(cfg: TrainConfig) -> dict:
     examples = build_examples(cfg, num_docs)
     summary, rejected = summarize_examples(examples)
     summary["seconds"] = round(time.time() - started, 2)
-    write_rejected(str(out), rejected, fingerprint)
+    write_rejected(out, rejected, fingerprint)
     _print_examples(summary, cfg)
     if summary["examples"] < cfg.scaling.num_workers:
         raise TrainingError(f"{summary['examples']} trainable examples in {cfg.input}; at least scaling.num_workers="
@@ -206,12 +206,12 @@ def run_training(cfg: TrainConfig) -> dict:
     result = make_trainer(cfg, plan, train_ds, out).fit()
     manifest = training_manifest(cfg, fingerprint, path, summary, num_docs, plan, result, out,
                                  wall=time.time() - started, fit_s=time.time() - fit_started)
-    write_manifest(str(out), manifest)
+    write_manifest(out, manifest)
     _summary(manifest)
     return manifest
 
 
-def make_trainer(cfg: TrainConfig, plan, train_ds, out: Path):
+def make_trainer(cfg: TrainConfig, plan, train_ds, out: Location):
     """The TorchTrainer: `train_loop_per_worker` on scaling.num_workers workers, checkpoints under <output>."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -238,7 +238,7 @@ def make_trainer(cfg: TrainConfig, plan, train_ds, out: Path):
                                      resources_per_worker={"CPU": s.cpus_per_worker,
                                                            **parse_resources(s.resources, "scaling.resources")}),
         run_config=RunConfig(
-            name=CHECKPOINTS, storage_path=str(out),
+            name=CHECKPOINTS, storage_path=out.uri,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets={"train": train_ds},
@@ -247,7 +247,7 @@ def make_trainer(cfg: TrainConfig, plan, train_ds, out: Path):
 
 
 def training_manifest(cfg: TrainConfig, fingerprint: str, path: str, summary: dict, num_docs: int, plan, result,
-                      out: Path, *, wall: float, fit_s: float) -> dict:
+                      out: Location, *, wall: float, fit_s: float) -> dict:
     history = read_metrics(out / METRICS)
     steps = [r for r in history if "loss" in r]
     final = next((r for r in reversed(history) if r.get("event") == "export"), {})
@@ -272,7 +272,7 @@ def training_manifest(cfg: TrainConfig, fingerprint: str, path: str, summary: di
 
 
 def read_metrics(path) -> list[dict]:
-    p = Path(path)
+    p = location(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
@@ -284,7 +284,7 @@ def _print_examples(s: dict, cfg: TrainConfig) -> None:
         log(f"  {s['skipped_inconsistent']} rows not used: rationale without a gold answer "
             "(data.consistent_only=true)")
     for reason, n in s["rejected"].items():
-        log(f"  {n} rows rejected: {reason} (see {Path(cfg.output) / REJECTED})")
+        log(f"  {n} rows rejected: {reason} (see {location(cfg.output) / REJECTED})")
     if s["examples_with_documents_truncated"]:
         log(f"  {s['examples_with_documents_truncated']} examples had documents cut from the left to fit "
             f"data.max_length={cfg.data.max_length} ({s['examples_with_question_truncated']} also their question)")

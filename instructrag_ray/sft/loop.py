@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import prompts
 from ..errors import TrainingError
 from ..models import resolve_model
+from ..storage import location
 from .packing import make_micro_batch, token_losses, use_packed_sdpa
 
 
@@ -137,7 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])
     engine, tokenizer, path, hf_ds = build_engine(config, plan)
     checkpoint = ray.train.get_checkpoint()
-    pos = resume(engine, checkpoint, plan, rank, config["metrics_path"])
+    metrics = MetricsLog(config["metrics_path"]) if rank == 0 else None
+    pos = resume(engine, checkpoint, plan, metrics)
     stop = min(plan.total_steps, config["max_steps"] or plan.total_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     last_saved = pos.step if checkpoint else -1
@@ -145,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     while pos.step < stop:
         last_saved = train_epoch(engine, ray.train.get_dataset_shard("train"), pos, plan, stop, pad_id, rank,
-                                 config, last_saved, window)
+                                 config, last_saved, window, metrics)
     if last_saved != pos.step:
         save_checkpoint(engine, pos, {"step": pos.step})
 
@@ -155,9 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         check = "" if diff is None else f" (max |logit difference| to the trained engine: {diff:g})"
         log(f"exported {export_dir}{check}")
-        _append_metrics(config["metrics_path"], {"event": "export", "step": pos.step, "path": export_dir,
-                                                 "max_abs_logit_diff": diff,
-                                                 "completed": pos.step >= plan.total_steps, "time": time.time()})
+        metrics.append({"event": "export", "step": pos.step, "path": export_dir, "max_abs_logit_diff": diff,
+                        "completed": pos.step >= plan.total_steps, "time": time.time()}, flush=True)
 
 
 def build_engine(config: dict, plan: StepPlan):
@@ -199,23 +200,27 @@ def build_engine(config: dict, plan: StepPlan):
     return engine, tokenizer, path, hf_ds
 
 
-def resume(engine, checkpoint, plan: StepPlan, rank: int, metrics_path: str) -> Position:
-    """Load the latest checkpoint into the engine (when there is one); returns where training stands."""
-    if not checkpoint:
-        return Position()
-    with checkpoint.as_directory() as d:
-        _, client = engine.load_checkpoint(d)
-    pos = Position(**client["position"])
-    if rank == 0:
+def resume(engine, checkpoint, plan: StepPlan, metrics: MetricsLog | None) -> Position:
+    """Load the latest checkpoint into the engine (when there is one); returns where training stands.
+    Rank 0 (the one with `metrics`) drops the records of the steps that will be trained again."""
+    pos = Position()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d)
+        pos = Position(**client["position"])
+    if metrics is None:
+        return pos
+    metrics.truncate(pos.step)
+    if checkpoint:
         log(f"resumed from {checkpoint.path} at step {pos.step} (epoch {pos.epoch + 1}, "
             f"{pos.step_in_epoch}/{plan.steps_per_epoch} steps into it)")
-        _append_metrics(metrics_path, {"event": "resume", "step": pos.step, "epoch": pos.epoch,
-                                       "step_in_epoch": pos.step_in_epoch, "time": time.time()})
+        metrics.append({"event": "resume", "step": pos.step, "epoch": pos.epoch,
+                        "step_in_epoch": pos.step_in_epoch, "time": time.time()}, flush=True)
     return pos
 
 
 def train_epoch(engine, shard, pos: Position, plan: StepPlan, stop: int, pad_id: int, rank: int, config: dict,
-                last_saved: int, window) -> int:
+                last_saved: int, window, metrics: MetricsLog | None) -> int:
     """Train from `pos` to the end of its epoch (or to `stop`), skipping the batches a resumed run already
     trained on; logs, checkpoints and advances `pos`. Returns the step of the last checkpoint saved."""
     buffer = max(config["shuffle_buffer"], plan.rows_per_step) if config["shuffle_buffer"] else None
@@ -235,10 +240,12 @@ def train_epoch(engine, shard, pos: Position, plan: StepPlan, stop: int, pad_id:
         window.add(stats)
         if pos.step % config["log_every"] == 0 or pos.step == stop:
             record = window.flush(pos, plan)
-            if rank == 0:
-                _append_metrics(config["metrics_path"], record)
+            if metrics is not None:
+                metrics.append(record)
                 log(_format(record, plan))
         if config["checkpoint_every"] and pos.step % config["checkpoint_every"] == 0 and pos.step < stop:
+            if metrics is not None:
+                metrics.flush()
             save_checkpoint(engine, pos, {"step": pos.step, "loss": stats["loss"]})
             last_saved = pos.step
         if pos.step >= stop:
@@ -325,9 +332,35 @@ def _format(r: dict, plan: StepPlan) -> str:
             f"{r['tokens_per_s']:.0f} tokens/s{gpu}")
 
 
-def _append_metrics(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """metrics.jsonl (local or at a URI), kept by rank 0. The whole file is rewritten atomically: on a local
+    disk at every record, on an object store at most every FLUSH_S seconds and at each checkpoint, resume
+    and the end. A resumed run first drops the records past the step it resumed from, which are trained
+    again, so each step is logged once."""
+
+    FLUSH_S = 10.0
+
+    def __init__(self, uri: str):
+        self.loc = location(uri, "output")
+        self.records = [json.loads(line) for line in self.loc.read_text().splitlines() if line.strip()] \
+            if self.loc.is_file() else []
+        self.flushed = 0.0
+
+    def truncate(self, step: int) -> None:
+        """Drop the records of steps after `step` (and what was logged after them)."""
+        cut = next((i for i, r in enumerate(self.records) if r.get("step", 0) > step), len(self.records))
+        if cut < len(self.records):
+            self.records = self.records[:cut]
+            self.flush()
+
+    def append(self, record: dict, flush: bool = False) -> None:
+        self.records.append(record)
+        if flush or self.loc.local or time.time() - self.flushed >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.loc.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.flushed = time.time()
 
 
 def save_checkpoint(engine, pos: Position, metrics: dict) -> None:
@@ -363,8 +396,9 @@ def export_model(engine, tokenizer, source: str, out_dir: str, zero_stage: int, 
         engine.train()
     if rank != 0:
         return None
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    target = location(out_dir, "output")
+    # saved on local disk first: beside the target (then renamed into place), or in a temp dir (then uploaded)
+    tmp = Path(target.path + ".tmp") if target.local else Path(tempfile.mkdtemp(prefix="instructrag-export-"))
     shutil.rmtree(tmp, ignore_errors=True)
     engine.module.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
@@ -372,16 +406,25 @@ def export_model(engine, tokenizer, source: str, out_dir: str, zero_stage: int, 
         GenerationConfig.from_pretrained(source).save_pretrained(tmp)
     except OSError:
         pass  # the source model has no generation config; transformers derives one from config.json
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if target.local:
+        shutil.rmtree(target.path, ignore_errors=True)
+        os.replace(tmp, target.path)
+        out = Path(target.path)
+    else:
+        target.upload_from(tmp)
+        out = tmp  # the check below reloads the local copy of what was uploaded
     if hf_ds is not None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # load the export as one plain model, not under ZeRO-3
-    if not check:
-        return None
-    dtype = next(iter(state_dict.values())).dtype
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(engine.device).eval()
-    with torch.no_grad():
-        got = reloaded(input_ids=probe, use_cache=False).logits.float()
-    return float((got - expected).abs().max())
+    try:
+        if not check:
+            return None
+        dtype = next(iter(state_dict.values())).dtype
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(engine.device).eval()
+        with torch.no_grad():
+            got = reloaded(input_ids=probe, use_cache=False).logits.float()
+        return float((got - expected).abs().max())
+    finally:
+        if not target.local:
+            shutil.rmtree(tmp, ignore_errors=True)

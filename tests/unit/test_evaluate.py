@@ -13,6 +13,7 @@ from instructrag_ray import prompts, read, schemas
 from instructrag_ray.config import ConfigError, EvaluateConfig, load_config
 from instructrag_ray.demos import load_demo_pool, select_demos, short_answer
 from instructrag_ray.errors import JobError as EvaluationError
+from instructrag_ray.storage import location
 from instructrag_ray.evaluate import NO_RETRIEVAL_QUESTION, PromptStage, check_model, method_parts, prepare_output, score_batch
 
 DOCS = [{"id": "d2", "title": "B", "text": "Bravo.", "score": 1.0}, {"id": "d1", "title": "A", "text": "Alpha.", "score": 2.0}]
@@ -195,11 +196,12 @@ def test_resume_skips_pairs_written_with_the_same_settings_and_refuses_others(tm
                                         schema=schema), out / "predictions" / "part-x.parquet")
     (out / "rejected").mkdir()
     (out / "metrics.json").write_text("{}")
-    assert prepare_output(str(out), {"vanilla-rag": "fp-v", "icl-qa": "fp-q"}, False) == {("q1", "vanilla-rag")}
+    loc = location(out)
+    assert prepare_output(loc, {"vanilla-rag": "fp-v", "icl-qa": "fp-q"}, False) == {("q1", "vanilla-rag")}
     assert not (out / "rejected").exists() and not (out / "metrics.json").exists()  # rebuilt by the run
     with pytest.raises(EvaluationError, match="vanilla-rag predictions written with other settings.*overwrite=true"):
-        prepare_output(str(out), {"vanilla-rag": "fp-other"}, False)
-    assert prepare_output(str(out), {"vanilla-rag": "fp-other"}, True) == set()
+        prepare_output(loc, {"vanilla-rag": "fp-other"}, False)
+    assert prepare_output(loc, {"vanilla-rag": "fp-other"}, True) == set()
     assert not (out / "predictions").exists()
 
 

@@ -98,9 +98,11 @@ def test_iter_raw_formats(tmp_path):
     pa.parquet = __import__("pyarrow.parquet").parquet
     pa.parquet.write_table(pa.table({"question": ["q5"], "answers": [["e"]]}), tmp_path / "d.parquet")
     rows = list(read.iter_raw(tmp_path))
-    questions = [parse(raw)["question"] for _, _, raw in rows]
+    questions = [parse(raw)["question"] for _, _, raw, _ in rows]
     assert questions == ["q1", "q2", "q3", "q4", "q5"]
-    assert [line for _, line, _ in rows][:2] == [1, 3]  # real line numbers, blank lines skipped
+    first = '{"question": "q1", "answers": ["a"]}\n\n'
+    assert [position for _, position, _, _ in rows][:2] == [0, len(first)]  # byte offsets; blank lines skipped
+    assert [position for _, position, _, _ in rows][2:] == [1, 1, 1]  # index in the array / table
     assert parse(rows[3][2])["id"] == "id9"
 
 
@@ -144,7 +146,7 @@ def test_real_files_parse_without_rejects(path, dataset, rows):
     if not (RAW / path).exists():
         pytest.skip(f"{RAW / path} not present (it lies in ../shared beside the project in CI and sessions)")
     assert read.default_dataset(str(RAW / path)) == dataset
-    parsed = [parse(raw, dataset) for _, _, raw in read.iter_raw(RAW / path)]
+    parsed = [parse(raw, dataset) for _, _, raw, _ in read.iter_raw(RAW / path)]
     assert len(parsed) == rows
     assert all(r["answers"] and r["question"] for r in parsed)
     if dataset == "asqa":

@@ -18,7 +18,8 @@ import pytest
 from instructrag_ray.errors import InputError, OutputConflict
 from instructrag_ray.retrieval.base import Hit, QueryFailure, Retriever, analyze, parse_fields
 from instructrag_ray.retrieval.corpus import read_corpus
-from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index
+from instructrag_ray.retrieval.tantivy_index import (TantivyRetriever, build_tantivy_index, content_fingerprint,
+                                                     index_fingerprint)
 
 K1, B = 1.2, 0.75
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,9 @@ CORPUS = [
 def index_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bm25") / "index"
     stats = build_tantivy_index(CORPUS, path, heap_mb=32)
-    assert stats == {"indexed": len(CORPUS), "rejected": []}
+    assert stats["indexed"] == len(CORPUS) and stats["rejected"] == []
+    # the content fingerprint the build recorded: over the index's own files, the same on every read
+    assert stats["fingerprint"] == index_fingerprint(path) == content_fingerprint(path)
     return path
 
 
@@ -424,7 +427,7 @@ def test_build_counts_rejects_and_duplicates(tmp_path):
 def test_build_from_read_corpus(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "title": "T", "text": "hello"}, {"id": "2"}])
     stats = build_tantivy_index(read_corpus(path), tmp_path / "idx", heap_mb=16)
-    assert stats == {"indexed": 1, "rejected": [{"id": "2", "_reject": "line 2: no text", "_code": "invalid_passage",
+    assert {k: stats[k] for k in ("indexed", "rejected")} == {"indexed": 1, "rejected": [{"id": "2", "_reject": "line 2: no text", "_code": "invalid_passage",
                                                  "_original": '{"id": "2"}'}]}
 
 
