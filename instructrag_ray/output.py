@@ -99,12 +99,9 @@ class Committer:
             (self.run.staging / name).move_to(self.run.out / table / f"part-{self.run.run_id}-{self.committed:06d}.parquet")
 
     def finish(self) -> None:
-        """This run's staging directory, empty once everything was committed (and the staging root with
-        it when no other run's is left)."""
-        self.run.staging.delete()
-        root = self.run.out / STAGING
-        if not root.subdirs() and not root.files(recursive=True):
-            root.delete()
+        """Every staging directory goes: this run's is empty once everything was committed, and a killed
+        run's workers may have written to theirs after this run started (one run per output at a time)."""
+        discard_staging(self.run.out)
 
 
 def write_rows(rows: list[dict], run: Run, table: str, schema_name: str,

@@ -101,7 +101,9 @@ def raw_tasks(path: str | Location, split_bytes: int = SPLIT_BYTES) -> list[tupl
     tasks = []
     for f in input_files(path):
         name = f.name.lower()
-        if name.endswith(LINE_FORMATS):
+        if name.endswith(".jsonl") and _starts_an_array(f):
+            tasks.append(("json", f, f.uri, 0, -1))  # a pretty-printed JSON array under a .jsonl name
+        elif name.endswith(LINE_FORMATS):
             size = f.info().size
             tasks += [("lines", f, f.uri, start, min(start + split_bytes, size))
                       for start in range(0, max(size, 1), split_bytes)]
@@ -114,6 +116,13 @@ def raw_tasks(path: str | Location, split_bytes: int = SPLIT_BYTES) -> list[tupl
     return tasks
 
 
+def _starts_an_array(file: Location) -> bool:
+    """True when the file's first non-blank character (after a BOM) is '[': one JSON array, not JSON lines."""
+    with file.fs.open_input_file(file.path) as f:
+        head = f.read(4096).removeprefix(BOM).lstrip()
+    return head[:1] == b"["
+
+
 def read_task(kind: str, file: Location, source: str, start: int, end: int,
               block_rows: int = RAW_BLOCK_ROWS) -> Iterator[pa.Table]:
     """Tables of raw rows (RAW_SCHEMA) of one read task, `block_rows` at a time."""
@@ -123,10 +132,10 @@ def read_task(kind: str, file: Location, source: str, start: int, end: int,
     for record in records:
         rows.append((source, *record))
         if len(rows) == block_rows:
-            yield _raw_block(rows)
+            yield raw_block(rows)
             rows = []
     if rows:
-        yield _raw_block(rows)
+        yield raw_block(rows)
 
 
 def iter_raw(path: str | Location) -> Iterator[tuple[str, int, str, str | None]]:
@@ -273,7 +282,7 @@ def _read_tasks(batch: pa.Table, tasks: list[tuple], block_rows: int) -> Iterato
         yield from read_task(*tasks[i], block_rows=block_rows)
 
 
-def _raw_block(rows: list[tuple]) -> pa.Table:
+def raw_block(rows: list[tuple]) -> pa.Table:
     columns = list(zip(*rows)) if rows else [(), (), (), ()]
     return pa.table([pa.array(col, field.type) for col, field in zip(columns, RAW_SCHEMA)], schema=RAW_SCHEMA)
 

@@ -72,6 +72,15 @@ def select_rows(batch: pa.Table, skip_ref, duplicate_ref, keep_ref) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
+def reblock(ds, rows: int):
+    """Blocks of at most `rows` rows. Ray Data concatenates what one task yields into blocks of up to
+    128 MiB, so a file read by one task, or a generation actor's many batches, would travel (and be
+    written, and committed) as one block; cut to the generation batch size, every batch lands on its own
+    as soon as it is done, and spreads over every generation actor. Ray 2.60's streaming repartition
+    (marked experimental; Ray is pinned) is used only here."""
+    return ds.repartition(target_num_rows_per_block=rows)
+
+
 _OBJECTS: dict = {}
 
 

@@ -24,7 +24,7 @@ from .generation.stage import generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
 from .retrieval.stage import check_retrieval, index_fingerprint, retrieve
-from .rows import add_columns, ok_rows, reject, require, select_rows
+from .rows import add_columns, ok_rows, reblock, reject, require, select_rows
 from .storage import check_location, location
 
 # Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
@@ -140,12 +140,15 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     fingerprint = cfg.fingerprint(index_fp)
     existing = output.scan_output(out)
     output.refuse_other_settings(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, cpus_for(cfg))
 
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
+    # batch_size=None on the stateless stages: a block stays a block (reblock cuts them to the generation
+    # batch size), so every generation batch is checked, written and committed as it lands (Ray Data's
+    # default would bundle blocks up to 1024 rows: one file, and one progress step, per 1024 rows)
     parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
-        read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
+        read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
     plan = plan_rows(parsed, output.ExistingOutput() if cfg.overwrite else existing, cfg.limit)
     if not plan.total:
         raise InputError(f"input {cfg.input} holds no rows (every line is blank); pass a QA file with records")
@@ -174,6 +177,13 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     return manifest
 
 
+def cpus_for(cfg: SynthesizeConfig) -> float:
+    """Logical CPUs a local Ray needs so that every actor pool starts and the tasks between them still
+    run (reblock's tasks take a whole CPU): they share the machine's cores."""
+    g, r = cfg.generation, cfg.retrieval
+    return g.num_cpus * g.min_actors + r.num_cpus * r.min_actors + cfg.prompt.num_cpus + 1 + 3 * TASK_CPUS
+
+
 def check_synthesis(cfg: SynthesizeConfig):
     """The checks that need no Ray: the input exists and holds QA files, the output is writable, the model
     loads with a chat template, a configured index is there. Returns (output location, index fingerprint)."""
@@ -194,20 +204,21 @@ def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.
 
     g = cfg.generation
     ds = parsed.map_batches(
-        select_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
+        select_rows, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"skip_ref": ray.put(existing.ids), "duplicate_ref": ray.put(plan.duplicates),
                    "keep_ref": ray.put(plan.keep) if plan.keep is not None else None})
     if plan.need_retrieval:
-        ds = retrieve(ds, cfg.retrieval)
+        ds = retrieve(ds, cfg.retrieval)  # in retrieval.batch_size batches (one msearch each)
+    ds = reblock(ds, g.batch_size)
     ds = ds.map_batches(
         PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
         fn_constructor_kwargs={"model": g.model, "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                "max_new_tokens": g.max_new_tokens})
     ds = generate(ds, g, g.model, cfg.prompt.num_docs)
-    ds = ds.map_batches(check_batch, batch_format="pyarrow", fn_kwargs={"num_docs": cfg.prompt.num_docs},
-                        num_cpus=TASK_CPUS)
-    return ds.map_batches(output.write_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
+    ds = ds.map_batches(check_batch, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"num_docs": cfg.prompt.num_docs}, num_cpus=TASK_CPUS)
+    return ds.map_batches(output.write_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
                           fn_kwargs={"run": run, "fingerprint": fingerprint})
 
 

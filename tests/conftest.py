@@ -10,6 +10,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 API the tests use: a local moto server (the `s3` fixture starts it). The endpoint and dummy keys
+# are set before any Ray starts, so Ray's workers inherit them as they would a cluster's environment, and
+# no test can reach a real cloud account with a developer's own credentials.
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from instructrag_ray.testing.tiny_model import ensure_tiny_model
@@ -63,3 +81,32 @@ def job_main():
         return module.main
 
     return load
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API over HTTP on 127.0.0.1 (moto in server mode) with a bucket `bkt`; yields a small helper."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="bkt")
+    yield S3(client)
+    server.stop()
+
+
+class S3:
+    """Test helper around the local S3 server's bucket `bkt`."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def put_file(self, key: str, path) -> str:
+        self.client.upload_file(str(path), "bkt", key)
+        return f"s3://bkt/{key}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket="bkt", Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
