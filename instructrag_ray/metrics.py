@@ -178,10 +178,7 @@ def markdown_report(metrics: dict, title: str = "Evaluation") -> str:
     for m in metrics["methods"]:
         cells = [_cell((metrics["scores"][m].get(d) or {}).get(metrics["headline"][d])) for d in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    paired = [p for p in metrics["paired"] if p["metric"] == metrics["headline"][p["dataset"]]]
-    # Short report: InstructRAG against everything else (metrics.json keeps every pair).
-    ours = [p for p in paired if p["a"].startswith(INSTRUCTRAG_PREFIX)]
-    paired = ours or paired
+    paired = report_pairs(metrics)
     if paired:
         lines += ["", f"Paired differences A − B on the same rows, in percentage points, with {conf}% bootstrap "
                   "intervals; (A>B / A<B) counts the rows where one method scored higher.", "",
