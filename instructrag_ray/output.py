@@ -128,8 +128,9 @@ def scan_output(output: str) -> ExistingOutput:
     return found
 
 
-def prepare_output(output: str, fingerprint: str, overwrite: bool) -> ExistingOutput:
-    """Check an output directory before a run: resume it, clear it (overwrite), or refuse."""
+def prepare_output(output: str, fingerprint: str, overwrite: bool, check_only: bool = False) -> ExistingOutput:
+    """Check an output directory before a run: resume it, clear it (overwrite), or refuse. With
+    `check_only` (a dry run) nothing is changed: what a run would find there is returned."""
     existing = scan_output(output)
     other = existing.fingerprints - {fingerprint}
     if other and not overwrite:
@@ -137,6 +138,8 @@ def prepare_output(output: str, fingerprint: str, overwrite: bool) -> ExistingOu
             f"{output} holds rows written with other settings (config fingerprint {sorted(other)[0]}, "
             f"now {fingerprint}); use a new --output, or pass overwrite=true to delete them and start again"
         )
+    if check_only:
+        return ExistingOutput() if other or overwrite else existing
     if other or (overwrite and existing.files):
         clear_output(output)
         return ExistingOutput()

@@ -38,6 +38,26 @@ def _schema():
     return sb.build()
 
 
+def check_target(index_dir: Path, heap_mb: int, overwrite: bool) -> str:
+    """Whether `build_tantivy_index` may build at `index_dir`: "created" or "replaced", else
+    OutputConflict (an existing non-empty directory without overwrite, or one that holds no index)."""
+    if heap_mb * 1_000_000 < _MIN_HEAP_PER_THREAD:
+        raise InputError(f"heap_mb={heap_mb}: tantivy needs at least {_MIN_HEAP_PER_THREAD // 1_000_000} MB")
+    if not index_dir.exists():
+        return "created"
+    if not index_dir.is_dir():
+        raise OutputConflict(f"index {index_dir} exists and is not a directory; choose another --index")
+    if not any(index_dir.iterdir()):
+        return "created"
+    if not overwrite:
+        raise OutputConflict(f"index {index_dir} is not empty; pass overwrite=true to replace the index "
+                             "there, or choose another --index")
+    if not (index_dir / "meta.json").is_file():
+        raise OutputConflict(f"index {index_dir} is not empty and holds no tantivy index (no meta.json); "
+                             "refusing to delete it, choose another --index")
+    return "replaced"
+
+
 def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap_mb: int = 256,
                         overwrite: bool = False) -> dict:
     """Index passages into a tantivy index at `index_dir`; returns {"indexed": n, "rejected": [...]}.
@@ -54,18 +74,7 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Path, *, heap
     import tantivy
 
     index_dir = Path(index_dir)
-    if heap_mb * 1_000_000 < _MIN_HEAP_PER_THREAD:
-        raise InputError(f"heap_mb={heap_mb}: tantivy needs at least {_MIN_HEAP_PER_THREAD // 1_000_000} MB")
-    if index_dir.exists():
-        if not index_dir.is_dir():
-            raise OutputConflict(f"index {index_dir} exists and is not a directory; choose another --index")
-        if any(index_dir.iterdir()):
-            if not overwrite:
-                raise OutputConflict(f"index {index_dir} is not empty; pass overwrite=true to replace the index "
-                                     "there, or choose another --index")
-            if not (index_dir / "meta.json").is_file():
-                raise OutputConflict(f"index {index_dir} is not empty and holds no tantivy index (no meta.json); "
-                                     "refusing to delete it, choose another --index")
+    check_target(index_dir, heap_mb, overwrite)
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.building-", dir=index_dir.parent))
     writer = index = None
