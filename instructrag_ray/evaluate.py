@@ -482,3 +482,9 @@ def _summary(m: dict, metrics: dict) -> None:
     for name in (PREDICTIONS, METRICS, REPORT_MD, REPORT_PNG):
         print(f"  {name:<18}  {out[name]}")
     print(f"  {'manifest':<18}  {os.path.join(m['config']['output'], MANIFEST)}", flush=True)
+
+
+if __name__ == "__main__":  # python -m instructrag_ray.evaluate: the same as jobs/evaluate.py
+    from .cli import job_main
+
+    job_main("evaluate", prog="python -m instructrag_ray.evaluate")

@@ -218,3 +218,9 @@ def _summary(m: dict) -> None:
     print(f"  rationales          {m['outputs']['rationales']}")
     print(f"  rejected            {m['outputs']['rejected']}")
     print(f"  manifest            {os.path.join(m['config']['output'], output.MANIFEST)}", flush=True)
+
+
+if __name__ == "__main__":  # python -m instructrag_ray.synthesize: the same as jobs/synthesize.py
+    from .cli import job_main
+
+    job_main("synthesize", prog="python -m instructrag_ray.synthesize")
