@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import output, prompts, read
+from . import dryrun, output, prompts, read
 from .answers import has_answer
 from .cli import init_ray
 from .config import SynthesizeConfig
+from .console import Progress
 from .generation.stage import generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
@@ -96,12 +97,20 @@ class Plan:
 
 
 def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
-    """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows."""
+    """One pass over the parsed ids (on Ray) to find duplicates, the limit, and resumed rows."""
     import ray
 
-    refs = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
+    refs = parsed.select_columns(list(PLAN_COLUMNS)).to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
+    return plan_from_rows(rows, existing, limit)
+
+
+PLAN_COLUMNS = ("id", "source", "line", "ctxs_source", "reject_stage")
+
+
+def plan_from_rows(rows: list[dict], existing: output.ExistingOutput, limit: int) -> Plan:
+    """The plan from the parsed rows' PLAN_COLUMNS in input order (from Ray, or parsed on the driver)."""
     keep: set | None = set() if limit else None
     seen, duplicates = set(), {}
     considered = rows[:limit] if limit else rows
@@ -123,34 +132,84 @@ def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
                 need_retrieval=need)
 
 
-def run_synthesis(cfg: SynthesizeConfig) -> dict:
-    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json)."""
+def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
+    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json).
+    With `dry_run`, run every check and return what would run, without starting Ray."""
     started = time.time()
     fingerprint = cfg.fingerprint()
-    existing = output.prepare_output(cfg.output, fingerprint, cfg.overwrite)
-    # Fail early on a model that does not load (the prompt stage needs its tokenizer and chat template,
-    # even for the template baseline); this also builds the tiny model once on the driver's node.
+    # Everything that can be wrong before work is found before Ray starts: the input, the output's resume
+    # state, the model (the prompt stage needs its tokenizer and chat template, even for the template
+    # baseline; this also builds the tiny model once on the driver's node), a configured index.
+    if not read.is_hf_dataset_dir(cfg.input):
+        read.input_files(cfg.input)  # raises InputError naming the path
+    existing = output.prepare_output(cfg.output, fingerprint, cfg.overwrite, check_only=dry_run)
     load_chat_tokenizer("generation.model", cfg.generation.model)
-    init_ray(cfg.ray_address)
-
+    index_set = cfg.retrieval.index_path if cfg.retrieval.backend == "tantivy" else cfg.retrieval.es_index
+    if index_set:
+        check_retrieval(cfg.retrieval, 1)
     dataset = read.default_dataset(cfg.input, cfg.dataset)
+    plan = None
+    if dry_run or existing.files:
+        # A dry run or a rerun: the plan from the input parsed here, so a rerun with nothing left to do ends
+        # without starting Ray.
+        rows = dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS))
+        plan = plan_from_rows(rows, existing, cfg.limit)
+        if not index_set:
+            check_retrieval(cfg.retrieval, plan.need_retrieval)
+        if dry_run:
+            return synthesis_dry_run(cfg, plan, existing, dataset)
+        if not plan.todo:
+            return _finish(cfg, fingerprint, plan, existing, started, None)
+    init_ray(cfg.ray_address, verbose=cfg.verbose)
+
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
     parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
         read.parse_batch, batch_format="pyarrow", fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
-    plan = plan_rows(parsed, existing, cfg.limit)
+    if plan is None:
+        plan = plan_rows(parsed, existing, cfg.limit)
+        if not index_set:
+            check_retrieval(cfg.retrieval, plan.need_retrieval)
+    return _finish(cfg, fingerprint, plan, existing, started, parsed)
+
+
+def _finish(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, existing: output.ExistingOutput, started: float,
+            parsed) -> dict:
+    """Run the chain on `parsed` (None: nothing to do), write the manifest, print the summary."""
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
     if existing.retry_ids:
         n = len(existing.retry_ids)
         log(f"{n} row{'s' if n != 1 else ''} rejected by an earlier run for a passing failure (a model server or "
             "search cluster error) will be tried again")
-    check_retrieval(cfg.retrieval, plan.need_retrieval)
-
-    stats = synthesis_chain(parsed, cfg, plan, existing, fingerprint)
-    run = _follow(stats, plan.todo, cfg.progress_interval_s)
+    if parsed is None:
+        run = {**dict.fromkeys(COUNTERS, 0), "reject_reasons": {}}
+    else:
+        run = _follow(synthesis_chain(parsed, cfg, plan, existing, fingerprint), plan.todo, cfg.progress_interval_s)
     manifest = synthesis_manifest(cfg, fingerprint, plan, run, time.time() - started)
     output.write_manifest(cfg.output, manifest)
     _summary(manifest)
     return manifest
+
+
+def synthesis_dry_run(cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, dataset: str) -> dict:
+    """What run_synthesis would run (printed); nothing is started or written."""
+    g = cfg.generation
+    stages = ["read", "validate", "select"] + (["retrieve"] if plan.need_retrieval else []) + [
+        "prompt", "generate", "check", "write"]
+    retry = f"; {len(existing.retry_ids)} earlier rejects tried again" if existing.retry_ids else ""
+    p = dryrun.Plan("synthesize")
+    p.add("input", f"{cfg.input}: {plan.total} rows{f' (limit={cfg.limit})' if cfg.limit else ''}, dataset name "
+                   f"for rows without one: {dataset}")
+    p.add("output", f"{cfg.output}: {plan.skipped} rows already written (resumed), {plan.todo} to process{retry}")
+    if not plan.todo:
+        return p.add("stages", "none: every row is in the output already (a run would only rewrite the "
+                               "manifest, without starting Ray)").show()
+    p.add("stages", " -> ".join(stages))
+    if plan.need_retrieval:
+        p.add("retrieve", dryrun.retrieval_stage(cfg.retrieval, plan.need_retrieval))
+    p.add("prompt", f"{cfg.prompt.num_docs} documents, {dryrun.pool(1, cfg.prompt.max_actors, dryrun.cpus(cfg.prompt.num_cpus))}")
+    p.add("generate", dryrun.generation_stage(g, g.model) + f", at most {g.max_new_tokens} new tokens")
+    p.add("ray", dryrun.ray_target(cfg.ray_address))
+    return p.show()
 
 
 def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, fingerprint: str):
@@ -191,17 +250,18 @@ def synthesis_manifest(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, run:
     }
 
 
-def _follow(stats, todo: int, interval: float) -> dict:
-    """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
-    def progress(run: dict, elapsed: float) -> None:
-        done = run["written"] + run["rejected"]
-        rate = done / elapsed
-        eta = f", ETA {(todo - done) / rate:.0f}s" if rate and todo > done else ""
-        log(f"{done}/{todo} rows ({run['written']} written, {run['rejected']} rejected), "
-            f"{rate:.2f} rows/s, {run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
+COUNTERS = ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens")
 
-    return follow(stats, ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens"), interval,
-                  progress)
+
+def _follow(stats, todo: int, interval: float) -> dict:
+    """Drive the pipeline with a progress display (rows, rate, ETA, rejects); returns this run's counts."""
+    display = Progress("synthesize", todo, "rows", interval=interval)
+
+    def counts(run: dict) -> tuple[int, int, str]:
+        elapsed = max(1e-9, time.time() - display.started)
+        return run["written"] + run["rejected"], run["rejected"], f"{run['completion_tokens'] / elapsed:.1f} tokens/s"
+
+    return follow(stats, COUNTERS, display, counts)
 
 
 def _summary(m: dict) -> None:

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import prompts
+from ..console import quiet_worker
 from ..errors import TrainingError
 from ..models import resolve_model
 from .packing import make_micro_batch, token_losses, use_packed_sdpa
@@ -129,6 +130,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    if not config.get("verbose"):
+        quiet_worker()  # the driver shows the steps (metrics.jsonl); see console.py
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # known, not detected: no "unable to detect" warning
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = StepPlan(**config["plan"])
@@ -154,7 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
     diff = export_model(engine, tokenizer, path, export_dir, stage, rank, hf_ds, check=config["export_check"])
     if rank == 0:
         check = "" if diff is None else f" (max |logit difference| to the trained engine: {diff:g})"
-        log(f"exported {export_dir}{check}")
+        if config.get("verbose"):
+            log(f"exported {export_dir}{check}")
         _append_metrics(config["metrics_path"], {"event": "export", "step": pos.step, "path": export_dir,
                                                  "max_abs_logit_diff": diff,
                                                  "completed": pos.step >= plan.total_steps, "time": time.time()})
@@ -237,7 +243,8 @@ def train_epoch(engine, shard, pos: Position, plan: StepPlan, stop: int, pad_id:
             record = window.flush(pos, plan)
             if rank == 0:
                 _append_metrics(config["metrics_path"], record)
-                log(_format(record, plan))
+                if config.get("verbose"):  # else the driver's progress display shows the step
+                    log(_format(record, plan))
         if config["checkpoint_every"] and pos.step % config["checkpoint_every"] == 0 and pos.step < stop:
             save_checkpoint(engine, pos, {"step": pos.step, "loss": stats["loss"]})
             last_saved = pos.step
@@ -366,7 +373,9 @@ def export_model(engine, tokenizer, source: str, out_dir: str, zero_stage: int, 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    engine.module.config.use_cache = True  # off only while training (build_engine); generation wants the cache
     engine.module.save_pretrained(tmp, state_dict=state_dict)
+    engine.module.config.use_cache = False
     tokenizer.save_pretrained(tmp)
     try:
         GenerationConfig.from_pretrained(source).save_pretrained(tmp)
