@@ -39,11 +39,20 @@ HARMLESS_LOGS = (
     # Ray Data's note that its progress bars are off: they are, on purpose (the job draws its own)
     "Progress bars disabled. To enable",
 )
-# Lines Ray's C++ core writes to the driver's stderr (or a worker's, forwarded to the driver).
+# Lines on the driver's stderr that Python logging cannot reach: Ray's C++ core, and what other Ray
+# processes print there (Ray forwards a worker's stderr to the driver's).
 HARMLESS_STDERR = (
     # core_worker.cc, once for every Ray Data actor pool and for Ray Train's own actors: Ray passes an
     # actor handle to their constructors (ray-project/ray#57733); goes when Ray fixes it.
     "has constructor arguments in the object store and max_restarts > 0",
+    # Ray Data in Ray Train's SplitCoordinator actor (the training input), which logs at Ray Data's
+    # defaults: the note that its progress bars are off (the driver turned them off) and its INFO line
+    # at the end of each epoch's input
+    "Progress bars disabled. To enable",
+    "execution finished in ",
+    # Ray Train 2.60's workers log every checkpoint report at INFO from a logger named after its file,
+    # outside `ray.train`, so Ray Train's LoggingConfig(log_level=WARNING) does not reach it
+    "Reporting training result ",
 )
 # (category, message regex) of Python warnings, in the driver and in the training workers.
 HARMLESS_WARNINGS = (

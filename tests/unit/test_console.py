@@ -124,6 +124,8 @@ def test_stderr_filter_drops_only_known_c_plus_plus_lines():
               "os.write(2, b'[2026-12-01 22:34:32,661 E 1 1] core_worker.cc:2465: Actor with class name: x has "
               "constructor arguments in the object store and max_restarts > 0. See ...\\n')\n"
               "os.write(2, b'[2026-12-01 22:34:33,000 E 1 1] core_worker.cc:99: a real error\\n')\n"
+              "os.write(2, '(SplitCoordinator pid=9) \u2714\ufe0f  Dataset train_1 execution finished in 0.24 seconds\\n'"
+              ".encode())\n"
               "print('a Python warning', file=sys.stderr)\nos.write(2, b'partial line without newline')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
