@@ -143,23 +143,22 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     if not read.is_hf_dataset_dir(cfg.input):
         read.input_files(cfg.input)  # raises InputError naming the path
     existing = output.prepare_output(cfg.output, fingerprint, cfg.overwrite, check_only=dry_run)
+    dataset = read.default_dataset(cfg.input, cfg.dataset)
+    # A dry run or a rerun plans from the input parsed here; a rerun with nothing left to do ends here,
+    # before the model loads and without Ray.
+    plan = None
+    if dry_run or existing.files:
+        plan = plan_from_rows(dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS)), existing, cfg.limit)
+        if not plan.todo and not dry_run:
+            return _finish(cfg, fingerprint, plan, existing, started, None)
     load_chat_tokenizer("generation.model", cfg.generation.model)
     index_set = cfg.retrieval.index_path if cfg.retrieval.backend == "tantivy" else cfg.retrieval.es_index
     if index_set:
-        check_retrieval(cfg.retrieval, 1)
-    dataset = read.default_dataset(cfg.input, cfg.dataset)
-    plan = None
-    if dry_run or existing.files:
-        # A dry run or a rerun: the plan from the input parsed here, so a rerun with nothing left to do ends
-        # without starting Ray.
-        rows = dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS))
-        plan = plan_from_rows(rows, existing, cfg.limit)
-        if not index_set:
-            check_retrieval(cfg.retrieval, plan.need_retrieval)
-        if dry_run:
-            return synthesis_dry_run(cfg, plan, existing, dataset)
-        if not plan.todo:
-            return _finish(cfg, fingerprint, plan, existing, started, None)
+        check_retrieval(cfg.retrieval, 1)  # a configured index is checked before the rows that need it are counted
+    elif plan is not None:
+        check_retrieval(cfg.retrieval, plan.need_retrieval)
+    if dry_run:
+        return synthesis_dry_run(cfg, plan, existing, dataset)
     init_ray(cfg.ray_address, verbose=cfg.verbose)
 
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
