@@ -48,6 +48,7 @@ def test_demo_console_is_short_and_a_rerun_or_dry_run_never_starts_ray(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "200 already in" in again.stdout and "0 to process" in again.stdout
 
-    dry, lines = run(argv + ["--dry-run"], RAY_ADDRESS="127.0.0.1:1")
+    dry, lines = run(argv[:5] + [str(tmp_path / "other")] + argv[6:] + ["--dry-run"], RAY_ADDRESS="127.0.0.1:1")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "dry run: every check passed" in dry.stdout and "the Ray cluster at 127.0.0.1:1" in dry.stdout
+    assert "dry run: every check passed" in dry.stdout and "200 to process" in dry.stdout
+    assert "the Ray cluster at 127.0.0.1:1" in dry.stdout and not (tmp_path / "other").exists()
