@@ -36,6 +36,13 @@ def secret(doc: str = "") -> Any:
     return field(default="", metadata={"doc": doc, "minimum": None, "secret": True})
 
 
+VERBOSE_DOC = ("print Ray's own output as Ray prints it: Ray Data's status blocks and progress bars, INFO logs, "
+               "the workers' per-step lines and known-harmless warnings (console.py lists them); false: the job's "
+               "own lines, one progress bar (a TTY) or line, and real warnings")
+PROGRESS_DOC = ("seconds between progress lines when stdout is not a TTY (a line only when rows landed, else one "
+                "a minute); a TTY gets a bar redrawn twice a second")
+
+
 # --- synthesis ------------------------------------------------------------------------------------
 
 
@@ -149,11 +156,14 @@ class SynthesizeConfig:
     limit: int = opt(0, "process at most this many input rows (0 = all)", minimum=0)
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
-    progress_interval_s: float = opt(10.0, "seconds between progress lines", minimum=0)
+    progress_interval_s: float = opt(10.0, PROGRESS_DOC, minimum=0)
+    verbose: bool = opt(False, VERBOSE_DOC)
     rows_per_file: int = opt(10000, "at the end of a run, merge the per-batch Parquet files into files of about this many rows (0 = keep one file per batch)", minimum=0)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    EXAMPLE = "generation.max_new_tokens=64"  # the --help example of a key=value override
 
     def validate(self) -> None:
         if not self.input:
@@ -189,7 +199,8 @@ class BuildIndexConfig(ElasticsearchConnection):
     overwrite: bool = opt(False, "replace an existing index (elasticsearch without it: a rerun loads into the existing index, each passage overwriting its own id)")
     heap_mb: int = opt(256, "tantivy writer memory in MB", minimum=16)
     ray_address: str = opt("", "elasticsearch: Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
-    progress_interval_s: float = opt(10.0, "elasticsearch: seconds between progress lines", minimum=0)
+    progress_interval_s: float = opt(10.0, "elasticsearch: " + PROGRESS_DOC, minimum=0)
+    verbose: bool = opt(False, VERBOSE_DOC)
     es_index: str = opt("", "Elasticsearch: the index to create or load (a concrete name, not an alias)")
     es_shards: int = opt(1, "Elasticsearch: primary shards of a new index (one shard keeps BM25 statistics global)", minimum=1)
     es_replicas: int = opt(1, "Elasticsearch: replicas after the load (the load itself runs with none)", minimum=0)
@@ -202,6 +213,8 @@ class BuildIndexConfig(ElasticsearchConnection):
     es_writers: int = opt(2, "Elasticsearch: parallel bulk writers (Ray actors, one client each)", minimum=1)
     es_writer_cpus: float = opt(0.5, "Elasticsearch: CPUs per bulk writer", minimum=0)
     es_block_mb: float = opt(8.0, "Elasticsearch: megabytes of passages the reader hands to one writer at a time (smaller blocks spread a small corpus over more writers)", minimum=0.001)
+
+    EXAMPLE = "heap_mb=512"
 
     def validate(self) -> None:
         if not self.corpus:
@@ -250,13 +263,16 @@ class EvaluateConfig:
     limit: int = opt(0, "evaluate at most this many input rows (0 = all)", minimum=0)
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
-    progress_interval_s: float = opt(10.0, "seconds between progress lines", minimum=0)
+    progress_interval_s: float = opt(10.0, PROGRESS_DOC, minimum=0)
+    verbose: bool = opt(False, VERBOSE_DOC)
     rows_per_file: int = opt(10000, "at the end of a run, merge the per-batch Parquet files into files of about this many rows (0 = keep one file per batch)", minimum=0)
     demos: DemosConfig = field(default_factory=DemosConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    EXAMPLE = "methods=vanilla-rag,no-retrieval"
 
     def method_list(self) -> list[str]:
         """The chosen methods, in the order given, without repeats."""
@@ -358,10 +374,14 @@ class TrainConfig:
     export_check: bool = opt(True, "reload the exported model on rank 0 and compare its logits with the trained engine's on a probe (one more copy of the model in memory); the difference goes to the manifest")
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
+    progress_interval_s: float = opt(10.0, PROGRESS_DOC, minimum=0)
+    verbose: bool = opt(False, VERBOSE_DOC)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     deepspeed: TrainDeepSpeedConfig = field(default_factory=TrainDeepSpeedConfig)
     scaling: TrainScalingConfig = field(default_factory=TrainScalingConfig)
+
+    EXAMPLE = "optim.epochs=1"
 
     def validate(self) -> None:
         if not self.input:
@@ -467,13 +487,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {config_file} does not exist")
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping of keys to values")
         for key, value in _flatten(data):
@@ -481,11 +495,30 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. generation.max_new_tokens=64)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. {cls.EXAMPLE})")
         set_value(cfg, key.strip(), value, source="command line")
     _check_values(cfg, "")
     cfg.validate()
     return cfg
+
+
+def read_config_file(path: Path) -> Any:
+    """The parsed YAML (or .json) file; a syntax error is one line naming the file, line and column."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {where}{what}") from None
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -513,13 +546,18 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
 def set_value(cfg: Any, key: str, value: Any, source: str = "") -> None:
     """Set a dotted key, converting the value to the field's type; unknown keys name the nearest match."""
     target, parts = cfg, key.split(".")
+    where = f" (from {source})" if source else ""
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(target)}
+        if part in fields and i == len(parts) - 1 and dataclasses.is_dataclass(getattr(target, part)):
+            section = ".".join(parts[:i + 1])
+            keys = [f"{section}.{k}" for k in all_keys(getattr(target, part))]
+            raise ConfigError(f"{section} is a section{where}; set one of its keys, e.g. {keys[0]}=..., "
+                              f"or see --help (its keys: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
         if part not in fields or (i < len(parts) - 1) != dataclasses.is_dataclass(getattr(target, part)):
             keys = all_keys(cfg)
             near = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(keys)}"
-            where = f" (from {source})" if source else ""
             raise ConfigError(f"unknown config key '{key}'{where}{hint}")
         if i < len(parts) - 1:
             target = getattr(target, part)

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import output, prompts, read, schemas
+from . import dryrun, output, prompts, read, schemas
 from .answers import has_answer
 from .cli import init_ray
 from .config import ICL_METHODS, EvaluateConfig, fingerprint
+from .console import Progress
 from .demos import load_demo_pool, select_demos
 from .errors import InputError, OutputConflict
 from .generation.stage import generate
@@ -220,13 +221,21 @@ class Plan:
     rejected: Counter           # validation reject reasons
 
 
+PLAN_COLUMNS = ("id", "dataset", "question", "source", "line", "ctxs_source", "reject_stage", "reject_reason")
+
+
 def plan_rows(parsed, limit: int) -> Plan:
+    """The plan from one pass over the parsed rows on Ray."""
     import ray
 
-    refs = parsed.select_columns(["id", "dataset", "question", "source", "line", "ctxs_source", "reject_stage",
-                                  "reject_reason"]).to_arrow_refs()
+    refs = parsed.select_columns(list(PLAN_COLUMNS)).to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
+    return plan_from_rows(rows, limit)
+
+
+def plan_from_rows(rows: list[dict], limit: int) -> Plan:
+    """The plan from the parsed rows' PLAN_COLUMNS in input order (from Ray, or parsed on the driver)."""
     considered = rows[:limit] if limit else rows
     seen, duplicates, datasets = set(), set(), Counter()
     questions, need, rejected = set(), 0, Counter()
@@ -276,9 +285,11 @@ def method_fingerprint(cfg: EvaluateConfig, method: str, demos: dict[str, list[d
     return fingerprint(cfg.method_shaping(method, chosen))
 
 
-def scan_predictions(out: Location) -> dict[tuple[str, str], str]:
-    """(id, method) -> config_fingerprint of every prediction already committed."""
-    output.recover_compactions(out)
+def scan_predictions(out: Location, repair: bool = True) -> dict[tuple[str, str], str]:
+    """(id, method) -> config_fingerprint of every prediction already committed (after finishing an
+    interrupted compaction, unless repair=False: a dry run changes nothing)."""
+    if repair:
+        output.recover_compactions(out)
     found = {}
     for f in (out / PREDICTIONS).files((".parquet",)):
         t = f.read_parquet(["id", "method", "config_fingerprint"]).to_pydict()
@@ -286,18 +297,22 @@ def scan_predictions(out: Location) -> dict[tuple[str, str], str]:
     return found
 
 
-def prepare_output(out: Location, fingerprints: dict[str, str], overwrite: bool) -> set[tuple[str, str]]:
+def prepare_output(out: Location, fingerprints: dict[str, str], overwrite: bool,
+                   check_only: bool = False) -> set[tuple[str, str]]:
     """Check an output directory before a run; returns the (id, method) pairs to skip (resume).
 
     Predictions of a method written with other settings are refused unless overwrite (which clears the
-    directory). rejected/ and the reports are always rebuilt: rejected rows are tried again.
+    directory). rejected/ and the reports are always rebuilt: rejected rows are tried again. With
+    `check_only` (a dry run) nothing is changed.
     """
-    existing = scan_predictions(out)
+    existing = scan_predictions(out, repair=not check_only)
     stale = sorted({m for (_, m), fp in existing.items() if m in fingerprints and fp != fingerprints[m]})
     if stale and not overwrite:
         raise OutputConflict(f"{out.uri} holds {stale[0]} predictions written with other settings (model, prompt, "
                              "demonstrations, retrieval or decoding); use a new --output, or pass overwrite=true "
                              "to delete them and start again")
+    if check_only:
+        return set() if overwrite else {key for key, fp in existing.items() if fingerprints.get(key[1]) == fp}
     if overwrite:
         (out / PREDICTIONS).delete()
         existing = {}
@@ -314,15 +329,16 @@ def model_groups(cfg: EvaluateConfig, methods: list[str]) -> list[tuple[str, str
     return [g for g in groups if g[2]]
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict:
-    """Run the evaluation job; returns the manifest (also written to <output>/manifest.json)."""
+def run_evaluation(cfg: EvaluateConfig, dry_run: bool = False) -> dict:
+    """Run the evaluation job; returns the manifest (also written to <output>/manifest.json). With
+    `dry_run`, run every check and return what would run, without starting Ray."""
     started = time.time()
     methods = sorted(cfg.method_list(), key=METHOD_ORDER.index)
     g, r = cfg.generation, cfg.retrieval
     groups = model_groups(cfg, methods)
     # Everything that can be wrong with the inputs is found before any generation.
     out = location(cfg.output, "output")
-    check_location(location(cfg.input, "input"), "input")
+    check_location(location(cfg.input, "input"), "input", hint="pass --input with a QA file or directory")
     read.raw_tasks(cfg.input)  # an input without QA files fails here
     check_location(out, "output", write=True)
     check_report_dependencies()
@@ -331,20 +347,21 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     for key, model, _ in groups:
         check_model(key, model, weights=g.engine != "openai")
     retrieves = any(m != NO_RETRIEVAL for m in methods)
-    init_ray(cfg.ray_address, sum(g.num_cpus * g.min_actors + cfg.prompt.num_cpus for _ in groups)
-             + (r.num_cpus * r.min_actors if len(groups) == 1 and retrieves else 0) + 1 + 3 * TASK_CPUS)
-
     dataset = read.default_dataset(cfg.input, cfg.dataset)
+    if dry_run:
+        plan = plan_from_rows(dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS)), cfg.limit)
+        demos, fingerprints = checks_after_plan(cfg, plan, methods, pool, retrieves)
+        done = prepare_output(out, fingerprints, cfg.overwrite, check_only=True)
+        return evaluation_dry_run(cfg, plan, groups, methods, demos, done, retrieves)
+    init_ray(cfg.ray_address, sum(g.num_cpus * g.min_actors + cfg.prompt.num_cpus for _ in groups)
+             + (r.num_cpus * r.min_actors if len(groups) == 1 and retrieves else 0) + 1 + 3 * TASK_CPUS,
+             verbose=cfg.verbose)
+
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset}); methods: {', '.join(methods)}")
     parsed = read.read_raw(cfg.input).map_batches(
         read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
     plan = plan_rows(parsed, cfg.limit)
-    check_answers(plan, cfg.input)
-    demos = select_demos(pool, plan.datasets, cfg.demos.num, cfg.demos.seed, cfg.demos.pool, plan.ids, plan.questions,
-                         cfg.demos.path, need_answer=ICL_QA in methods) if icl else {}
-    if retrieves:
-        check_retrieval(r, plan.need_retrieval, alternative=", or use methods=no-retrieval")
-    fingerprints = {m: method_fingerprint(cfg, m, demos) for m in methods}
+    demos, fingerprints = checks_after_plan(cfg, plan, methods, pool, retrieves)
     done = prepare_output(out, fingerprints, cfg.overwrite)
     todo = plan.valid * len(methods) - len(done)
     log(f"{plan.total} input rows, {plan.valid} usable; {len(done)} (row, method) pairs already in {cfg.output} "
@@ -352,6 +369,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     for dataset_name, chosen in demos.items():
         log(f"demonstrations for {dataset_name}: {', '.join(d['id'] for d in chosen)}")
 
+    # Even with every (row, method) predicted the chain runs: rejected/ is rebuilt by every run.
     run_ = output.new_run(out)
     output.discard_staging(out)
     commit = output.Committer(run_)
@@ -363,8 +381,27 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     output.write_card(out, [PREDICTIONS, REJECTED], PREDICTIONS, CARD)
     metrics = write_reports(out, methods, cfg.metrics.resamples, cfg.metrics.confidence, cfg.metrics.seed,
                             title=f"Evaluation of {location(cfg.input).name}")
-    wall = time.time() - started
-    manifest = {
+    manifest = evaluation_manifest(cfg, plan, fingerprints, demos, run, done, metrics, time.time() - started)
+    output.write_manifest(out, manifest)
+    _summary(manifest, metrics)
+    return manifest
+
+
+def checks_after_plan(cfg: EvaluateConfig, plan: Plan, methods: list[str], pool: list, retrieves: bool):
+    """The checks that need the rows (gold answers, demonstrations, an index for rows without ctxs);
+    returns (demonstrations per dataset, fingerprint per method)."""
+    check_answers(plan, cfg.input)
+    icl = any(m in ICL_METHODS for m in methods)
+    demos = select_demos(pool, plan.datasets, cfg.demos.num, cfg.demos.seed, cfg.demos.pool, plan.ids, plan.questions,
+                         cfg.demos.path, need_answer=ICL_QA in methods) if icl else {}
+    if retrieves:
+        check_retrieval(cfg.retrieval, plan.need_retrieval, alternative=", or use methods=no-retrieval")
+    return demos, {m: method_fingerprint(cfg, m, demos) for m in methods}
+
+
+def evaluation_manifest(cfg: EvaluateConfig, plan: Plan, fingerprints: dict, demos: dict, run: dict, done: set,
+                        metrics: dict, wall: float) -> dict:
+    return {
         **output.manifest_header("evaluate", cfg),
         "config_fingerprints": fingerprints,
         "input_rows": plan.total,
@@ -374,11 +411,28 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                      "completion_tokens_per_s": round(run["completion_tokens"] / wall, 2) if wall else None},
         "rejected": _rejected_by_method(run["reject_reasons"]),
         "predictions": {m: metrics["scores"].get(m, {}).get("overall", {}).get("n", 0) for m in metrics["methods"]},
-        "outputs": {name: str(out / name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
+        "outputs": {name: str(location(cfg.output) / name) for name in (PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG)},
     }
-    output.write_manifest(out, manifest)
-    _summary(manifest, metrics)
-    return manifest
+
+
+def evaluation_dry_run(cfg: EvaluateConfig, plan: Plan, groups, methods: list[str], demos: dict, done: set,
+                       retrieves: bool) -> dict:
+    """What run_evaluation would run (printed); nothing is started or written."""
+    todo = plan.valid * len(methods) - len(done)
+    p = dryrun.Plan("evaluate")
+    p.add("input", f"{cfg.input}: {plan.total} rows{f' (limit={cfg.limit})' if cfg.limit else ''}, {plan.valid} "
+                   f"usable, datasets {', '.join(plan.datasets)}")
+    p.add("methods", ", ".join(methods))
+    p.add("output", f"{cfg.output}: {len(done)} (row, method) pairs already predicted (resumed), {todo} to generate")
+    if retrieves and plan.need_retrieval:
+        p.add("retrieve", dryrun.retrieval_stage(cfg.retrieval, plan.need_retrieval))
+    for key, model, group_methods in groups:
+        p.add(f"generate ({key})", dryrun.generation_stage(cfg.generation, model) + f" for {', '.join(group_methods)}")
+    for dataset_name, chosen in demos.items():
+        p.add(f"demos ({dataset_name})", ", ".join(d["id"] for d in chosen))
+    g = cfg.generation
+    p.add("ray", dryrun.ray_target(cfg.ray_address, sum(g.num_cpus * g.min_actors + cfg.prompt.num_cpus for _ in groups)))
+    return p.show()
 
 
 def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dict, done: set,
@@ -451,16 +505,19 @@ def _rejected_by_method(reasons: dict[str, int]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _follow(stats, todo: int, interval: float, commit) -> dict:
-    """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
-    def progress(run: dict, elapsed: float) -> None:
-        rate = run["written"] / elapsed
-        eta = f", ETA {(todo - run['written']) / rate:.0f}s" if rate and todo > run["written"] else ""
-        log(f"{run['written']}/{todo} predictions, {run['rejected']} rejected, {rate:.2f} predictions/s, "
-            f"{run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
+COUNTERS = ("written", "rejected", "correct", "prompt_tokens", "completion_tokens")
 
-    return follow(stats, ("written", "rejected", "correct", "prompt_tokens", "completion_tokens"), interval,
-                  progress, commit)
+
+def _follow(stats, todo: int, interval: float, commit) -> dict:
+    """Drive the pipeline with a progress display (predictions, rate, ETA, rejects), committing each
+    batch's files as they land; returns this run's counts."""
+    display = Progress("evaluate", todo, "predictions", interval=interval)
+
+    def counts(run: dict) -> tuple[int, int, str]:
+        elapsed = max(1e-9, time.time() - display.started)
+        return run["written"], run["rejected"], f"{run['completion_tokens'] / elapsed:.1f} tokens/s"
+
+    return follow(stats, COUNTERS, display, counts, commit)
 
 
 CARD = ("Predictions of instructrag-ray's evaluation job: `predictions/` holds one row per (question, method) with "
@@ -489,3 +546,9 @@ def _summary(m: dict, metrics: dict) -> None:
     for name in (PREDICTIONS, METRICS, REPORT_MD, REPORT_PNG):
         print(f"  {name:<18}  {out[name]}")
     print(f"  {'manifest':<18}  {location(m['config']['output']) / MANIFEST}", flush=True)
+
+
+if __name__ == "__main__":  # python -m instructrag_ray.evaluate: the same as jobs/evaluate.py
+    from .cli import job_main
+
+    job_main("evaluate", prog="python -m instructrag_ray.evaluate")

@@ -178,10 +178,7 @@ def markdown_report(metrics: dict, title: str = "Evaluation") -> str:
     for m in metrics["methods"]:
         cells = [_cell((metrics["scores"][m].get(d) or {}).get(metrics["headline"][d])) for d in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    paired = [p for p in metrics["paired"] if p["metric"] == metrics["headline"][p["dataset"]]]
-    # Short report: InstructRAG against everything else (metrics.json keeps every pair).
-    ours = [p for p in paired if p["a"].startswith(INSTRUCTRAG_PREFIX)]
-    paired = ours or paired
+    paired = report_pairs(metrics)
     if paired:
         lines += ["", f"Paired differences A − B on the same rows, in percentage points, with {conf}% bootstrap "
                   "intervals; (A>B / A<B) counts the rows where one method scored higher.", "",
@@ -202,18 +199,50 @@ def markdown_report(metrics: dict, title: str = "Evaluation") -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_pairs(metrics: dict) -> list[dict]:
+    """The paired differences the report shows: on each column's headline metric, InstructRAG against
+    every other method (every pair when no InstructRAG method ran); metrics.json keeps all of them."""
+    paired = [p for p in metrics["paired"] if p["metric"] == metrics["headline"][p["dataset"]]]
+    return [p for p in paired if p["a"].startswith(INSTRUCTRAG_PREFIX)] or paired
+
+
 def plot_report(metrics: dict, path, title: str = "Evaluation") -> None:
-    """A grouped bar chart of the headline scores per dataset and overall, with interval whiskers."""
+    """report.png: `report_figure`, saved."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(metrics, title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report_figure(metrics: dict, title: str = "Evaluation"):
+    """Two panels: the headline score of every method per dataset and overall (bars with interval
+    whiskers, each labelled with its value and n; a zero score is a flat outlined bar labelled 0), and
+    the paired differences InstructRAG − each baseline on the same rows (points with interval whiskers,
+    a line at 0, labelled with the difference and n)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on cluster nodes
     import matplotlib.pyplot as plt
 
+    pairs = report_pairs(metrics)
+    cols = metrics["datasets"]
+    fig, axes = plt.subplots(2 if pairs else 1, 1, figsize=(max(6.0, 1.8 * len(cols) + 2), 7.5 if pairs else 4.2),
+                             dpi=120, squeeze=False)
+    _score_panel(axes[0][0], metrics)
+    axes[0][0].set_title(f"{title}: {round(100 * metrics['confidence'])}% bootstrap intervals", fontsize=10)
+    if pairs:
+        _paired_panel(axes[1][0], metrics, pairs)
+    fig.tight_layout()
+    return fig
+
+
+def _score_panel(ax, metrics: dict) -> None:
     cols, methods = metrics["datasets"], metrics["methods"]
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cols) + 2), 4.0), dpi=120)
+    colors = [f"C{k % 10}" for k in range(len(methods))]
     for k, m in enumerate(methods):
-        xs, ys, lows, highs = [], [], [], []
+        xs, ys, lows, highs, ns = [], [], [], [], []
         for j, d in enumerate(cols):
             entry = (metrics["scores"][m].get(d) or {}).get(metrics["headline"][d])
             if not entry or entry["value"] is None:
@@ -223,15 +252,55 @@ def plot_report(metrics: dict, path, title: str = "Evaluation") -> None:
             # a percentile interval can sit a hair off the mean; whiskers cannot be negative
             lows.append(max(0.0, 100 * (entry["value"] - entry["ci_low"])))
             highs.append(max(0.0, 100 * (entry["ci_high"] - entry["value"])))
-        ax.bar(xs, ys, width=width, label=m, yerr=[lows, highs], capsize=2)
-        for x, y, h in zip(xs, ys, highs):
-            ax.text(x, y + h + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=6)
+            ns.append(entry["n"])
+        ax.bar(xs, ys, width=width * 0.92, label=m, color=colors[k], edgecolor=colors[k], linewidth=0.8,
+               yerr=[lows, highs], capsize=2, error_kw={"linewidth": 0.8})
+        for x, y, h, n in zip(xs, ys, highs, ns):
+            if y == 0:  # a zero-height bar draws nothing: an outline a little above the axis shows it is there
+                ax.add_patch(_zero_outline((x - width * 0.46, 0), width * 0.92, 1.2, colors[k]))
+            ax.text(x, y + h + 1.5, f"{y:.0f}\nn={n}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([f"{d}\n({METRIC_LABELS[metrics['headline'][d]]})" for d in cols], fontsize=8)
     ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{title}: {round(100 * metrics['confidence'])}% bootstrap intervals", fontsize=10)
-    ax.legend(fontsize=8, ncol=min(len(methods), 3))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set_ylim(0, 135)  # room above 100 for the labels and the legend
+    ax.legend(fontsize=7, ncol=min(len(methods), 5), loc="upper left")
+
+
+def _zero_outline(xy, width: float, height: float, color: str):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(xy, width, height, fill=False, edgecolor=color, linewidth=1.0, label="_zero")
+
+
+def _paired_panel(ax, metrics: dict, pairs: list[dict]) -> None:
+    cols = metrics["datasets"]
+    names = list(dict.fromkeys((p["a"], p["b"]) for p in pairs))
+    index = {(p["a"], p["b"], p["dataset"]): p for p in pairs}
+    width = 0.8 / max(1, len(names))
+    all_y, all_low, all_high = [], [], []
+    for k, (a, b) in enumerate(names):
+        xs, ys, lows, highs, labels = [], [], [], [], []
+        for j, d in enumerate(cols):
+            p = index.get((a, b, d))
+            if p is None:
+                continue
+            diff = p["difference"]
+            xs.append(j - 0.4 + width * (k + 0.5))
+            ys.append(100 * diff["value"])
+            lows.append(max(0.0, 100 * (diff["value"] - diff["ci_low"])))
+            highs.append(max(0.0, 100 * (diff["ci_high"] - diff["value"])))
+            labels.append(f"{100 * diff['value']:+.0f}\nn={p['n']}")
+        ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", markersize=4, capsize=3, color=f"C{k % 10}",
+                    label=f"{a} − {b}")
+        all_y, all_low, all_high = all_y + ys, all_low + lows, all_high + highs
+        for x, y, h, text in zip(xs, ys, highs, labels):
+            ax.text(x, y + h + 2, text, ha="center", va="bottom", fontsize=6)
+    ax.axhline(0, color="0.4", linewidth=0.8)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, fontsize=8)
+    ax.set_xlim(-0.5, len(cols) - 0.5)
+    ends = [y - low for y, low in zip(all_y, all_low)] + [y + high for y, high in zip(all_y, all_high)] + [0.0]
+    ax.set_ylim(max(-110.0, min(ends) - 12), min(140.0, max(ends) + 30))
+    ax.set_ylabel("A − B (points)")
+    ax.set_title("paired differences on the rows both methods answered", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(names), 3), loc="upper left")

@@ -182,15 +182,17 @@ class ExistingOutput:
     removed_duplicates: int = 0
 
 
-def scan_output(out: Location, table: str = RATIONALES) -> ExistingOutput:
+def scan_output(out: Location, table: str = RATIONALES, repair: bool = True) -> ExistingOutput:
     """Ids and fingerprints committed under <table>/ and rejected/ (only a few columns are read), after
-    finishing interrupted compactions and removing any id committed twice (first committed copy wins).
+    finishing interrupted compactions and removing any id committed twice (first committed copy wins;
+    with repair=False, a dry run, nothing is changed and the later copies are only left uncounted).
 
     A `duplicate_id` reject shares its id with the row that was kept, so it does not mark that id done:
     it counts in `duplicate_counts`. A reject for a passing failure (RETRIED_ON_RESUME) does not mark its
     id done either: it goes to `retry_ids`.
     """
-    recover_compactions(out)
+    if repair:
+        recover_compactions(out)
     found = ExistingOutput()
     files = [(f, t) for t in (table, REJECTED) for f in (out / t).files((".parquet",))]
     seen: set[str] = set()
@@ -200,7 +202,8 @@ def scan_output(out: Location, table: str = RATIONALES) -> ExistingOutput:
         found.files += 1
         extra = [i for i, rid in enumerate(t["id"]) if rid in seen and not (kind == REJECTED and t["reason"][i] == DUPLICATE_ID)]
         if extra:
-            _drop_rows(file, set(extra))
+            if repair:
+                _drop_rows(file, set(extra))
             found.removed_duplicates += len(extra)
         for i, rid in enumerate(t["id"]):
             if i in extra:

@@ -92,6 +92,13 @@ def hf_dataset_files(path: str | Location) -> list[tuple[Location, str]] | None:
     return None
 
 
+def input_bytes(path: str | Location) -> int:
+    """The input's size in bytes (every QA file, or the dataset's Arrow files)."""
+    hf = hf_dataset_files(path)
+    files = [f for f, _ in hf] if hf is not None else input_files(path)
+    return sum(f.info().size or 0 for f in files)
+
+
 def raw_tasks(path: str | Location, split_bytes: int = SPLIT_BYTES) -> list[tuple]:
     """The read work for an input: (kind, file, source, start, end) per task; a large uncompressed
     one-record-a-line file is cut into byte ranges, every other file is one task."""

@@ -239,7 +239,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
-def check_location(loc: Location, key: str, *, write: bool = False) -> None:
+def check_location(loc: Location, key: str, *, write: bool = False, hint: str = "") -> None:
     """Before any work: an input must exist; an output must be writable (a probe file is written and
     removed). One line (StorageError) for a missing bucket, refused credentials, an endpoint that does
     not answer, a read-only directory or a path that is a file."""
@@ -250,12 +250,15 @@ def check_location(loc: Location, key: str, *, write: bool = False) -> None:
         info = probe.info()
         if not write:
             if not probe.exists():
-                raise StorageError(f"{key}={loc.uri} does not exist")
+                raise StorageError(f"{key} {loc.uri} does not exist" + (f"; {hint}" if hint else ""))
             return
         import pyarrow.fs as pafs
 
         if info.type == pafs.FileType.File:
             raise StorageError(f"{key}={loc.uri} is a file; pass a directory")
+        if probe.local:  # probe the nearest existing directory: a check (or a dry run) creates nothing
+            while not os.path.exists(probe.path) and probe.parent.path != probe.path:
+                probe = probe.parent
         test = probe / f".instructrag-write-test-{uuid.uuid4().hex[:8]}"
         test.write_bytes(b"")
         test.delete()

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import output, prompts, read
+from . import dryrun, output, prompts, read
 from .answers import has_answer
 from .cli import init_ray
 from .config import SynthesizeConfig
+from .console import Progress
 from .errors import InputError
 from .generation.stage import generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
@@ -98,15 +99,21 @@ class Plan:
 
 
 def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
-    """One pass over the parsed ids (input order) to find duplicates, the limit, and resumed rows. Only
-    the id columns reach the driver. The k-th copy of an id (k >= 2) was handled by an earlier run when
-    at least k-1 of its extra copies are already rejected, so every copy ends up once, whatever `limit`
-    the earlier runs had."""
+    """One pass over the parsed ids (on Ray) to find duplicates, the limit, and resumed rows; only the
+    id columns reach the driver."""
     import ray
 
-    refs = parsed.select_columns(["id", "source", "line", "ctxs_source", "reject_stage"]).to_arrow_refs()
+    refs = parsed.select_columns(list(PLAN_COLUMNS)).to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
     rows = pa.concat_tables(tables).sort_by([("source", "ascending"), ("line", "ascending")]).to_pylist() if tables else []
+    return plan_from_rows(rows, existing, limit)
+
+
+PLAN_COLUMNS = ("id", "source", "line", "ctxs_source", "reject_stage")
+
+
+def plan_from_rows(rows: list[dict], existing: output.ExistingOutput, limit: int) -> Plan:
+    """The plan from the parsed rows' PLAN_COLUMNS in input order (from Ray, or parsed on the driver)."""
     keep: set | None = set() if limit else None
     copies: Counter = Counter()
     duplicates = {}
@@ -129,8 +136,9 @@ def plan_rows(parsed, existing: output.ExistingOutput, limit: int) -> Plan:
                 need_retrieval=need)
 
 
-def run_synthesis(cfg: SynthesizeConfig) -> dict:
-    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json).
+def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
+    """Run the whole synthesis job; returns the manifest (also written to <output>/manifest.json). With
+    `dry_run`, run every check and return what would run, without starting Ray.
 
     Every check runs before anything is written or deleted (overwrite=true included) and, but for those
     that need the rows, before Ray starts: input, output, model, index; then the id pass (on the cluster)
@@ -138,22 +146,51 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     started = time.time()
     out, index_fp = check_synthesis(cfg)
     fingerprint = cfg.fingerprint(index_fp)
-    existing = output.scan_output(out)
+    existing = output.scan_output(out, repair=not dry_run)
     output.refuse_other_settings(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
-    init_ray(cfg.ray_address, cpus_for(cfg))
-
+    if cfg.overwrite:
+        existing = output.ExistingOutput()  # what a run resumes from: nothing
     dataset = read.default_dataset(cfg.input, cfg.dataset)
+    # A dry run, or a rerun of a small input, plans from the input parsed here: a rerun with nothing left
+    # to do then ends in seconds, without Ray. A large input is only ever read on the cluster.
+    plan = None
+    if dry_run or (existing.files and read.input_bytes(cfg.input) <= DRIVER_PLAN_BYTES):
+        plan = plan_from_rows(dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS)), existing, cfg.limit)
+        check_plan(cfg, plan)
+        if dry_run:
+            return synthesis_dry_run(cfg, plan, existing, dataset)
+        if not plan.todo and not existing.retry_ids:
+            return finish_synthesis(cfg, out, fingerprint, plan, existing, started, None)
+    init_ray(cfg.ray_address, cpus_for(cfg), verbose=cfg.verbose)
+
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
     # batch_size=None on the stateless stages: a block stays a block (reblock cuts them to the generation
     # batch size), so every generation batch is checked, written and committed as it lands (Ray Data's
     # default would bundle blocks up to 1024 rows: one file, and one progress step, per 1024 rows)
     parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
         read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
-    plan = plan_rows(parsed, output.ExistingOutput() if cfg.overwrite else existing, cfg.limit)
+    if plan is None:
+        plan = plan_rows(parsed, existing, cfg.limit)
+        check_plan(cfg, plan)
+    existing = output.prepare_output(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
+    return finish_synthesis(cfg, out, fingerprint, plan, existing, started, parsed)
+
+
+# A rerun plans on the driver (no Ray) when the input is at most this big; larger inputs are read by Ray.
+DRIVER_PLAN_BYTES = 64 << 20
+
+
+def check_plan(cfg: SynthesizeConfig, plan: Plan) -> None:
+    """The checks that need the rows: there are some, and those without ctxs have an index to search."""
     if not plan.total:
         raise InputError(f"input {cfg.input} holds no rows (every line is blank); pass a QA file with records")
     check_retrieval(cfg.retrieval, plan.need_retrieval)
-    existing = output.prepare_output(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
+
+
+def finish_synthesis(cfg: SynthesizeConfig, out, fingerprint: str, plan: Plan, existing: output.ExistingOutput,
+                     started: float, parsed) -> dict:
+    """Run the chain on `parsed` (None: nothing to do), compact and complete the output, write the
+    manifest, print the summary."""
     log(f"{plan.total} input rows: {plan.skipped} already in {cfg.output} (resumed), {plan.todo} to process")
     if existing.retry_ids:
         n = len(existing.retry_ids)
@@ -161,14 +198,17 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
             "search cluster error) will be tried again")
     if existing.removed_duplicates:
         log(f"removed {existing.removed_duplicates} rows committed twice (the first copy of each id is kept)")
-
-    run_ = output.new_run(out)
-    output.discard_staging(out)
-    commit = output.Committer(run_)
-    stats = synthesis_chain(parsed, cfg, plan, existing, fingerprint, run_)
-    run = _follow(stats, plan.todo, cfg.progress_interval_s, commit)
-    commit.finish()
-    merged = output.compact(out, [output.RATIONALES, output.REJECTED], cfg.rows_per_file)
+    merged = 0
+    if parsed is None:
+        run = {**dict.fromkeys(COUNTERS, 0), "reject_reasons": {}}
+    else:
+        run_ = output.new_run(out)
+        output.discard_staging(out)
+        commit = output.Committer(run_)
+        run = _follow(synthesis_chain(parsed, cfg, plan, existing, fingerprint, run_), plan.todo,
+                      cfg.progress_interval_s, commit)
+        commit.finish()
+        merged = output.compact(out, [output.RATIONALES, output.REJECTED], cfg.rows_per_file)
     output.ensure_tables(out, {output.RATIONALES: "rationales", output.REJECTED: "rejected"})
     output.write_card(out, [output.RATIONALES, output.REJECTED], output.RATIONALES, CARD)
     manifest = synthesis_manifest(cfg, fingerprint, plan, {**run, "files_merged": merged}, time.time() - started)
@@ -188,13 +228,35 @@ def check_synthesis(cfg: SynthesizeConfig):
     """The checks that need no Ray: the input exists and holds QA files, the output is writable, the model
     loads with a chat template, a configured index is there. Returns (output location, index fingerprint)."""
     inp, out = location(cfg.input, "input"), location(cfg.output, "output")
-    check_location(inp, "input")
+    check_location(inp, "input", hint="pass --input with a QA file or directory")
     read.raw_tasks(inp)  # a directory without QA files fails here
     check_location(out, "output", write=True)
     # the prompt stage needs the tokenizer and chat template, even for the template baseline; this also
     # builds the tiny model once on the driver's node
     load_chat_tokenizer("generation.model", cfg.generation.model)
     return out, index_fingerprint(cfg.retrieval)
+
+
+def synthesis_dry_run(cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, dataset: str) -> dict:
+    """What run_synthesis would run (printed); nothing is started or written."""
+    g = cfg.generation
+    stages = ["read", "validate", "select"] + (["retrieve"] if plan.need_retrieval else []) + [
+        "prompt", "generate", "check", "write"]
+    retry = f"; {len(existing.retry_ids)} earlier rejects tried again" if existing.retry_ids else ""
+    p = dryrun.Plan("synthesize")
+    p.add("input", f"{cfg.input}: {plan.total} rows{f' (limit={cfg.limit})' if cfg.limit else ''}, dataset name "
+                   f"for rows without one: {dataset}")
+    p.add("output", f"{cfg.output}: {plan.skipped} rows already written (resumed), {plan.todo} to process{retry}")
+    if not plan.todo and not existing.retry_ids:
+        return p.add("stages", "none: every row is in the output already (a run would only rewrite the "
+                               "manifest, without starting Ray)").show()
+    p.add("stages", " -> ".join(stages))
+    if plan.need_retrieval:
+        p.add("retrieve", dryrun.retrieval_stage(cfg.retrieval, plan.need_retrieval))
+    p.add("prompt", f"{cfg.prompt.num_docs} documents, {dryrun.pool(1, cfg.prompt.max_actors, dryrun.cpus(cfg.prompt.num_cpus))}")
+    p.add("generate", dryrun.generation_stage(g, g.model) + f", at most {g.max_new_tokens} new tokens")
+    p.add("ray", dryrun.ray_target(cfg.ray_address, cpus_for(cfg)))
+    return p.show()
 
 
 def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.ExistingOutput, fingerprint: str,
@@ -237,17 +299,19 @@ def synthesis_manifest(cfg: SynthesizeConfig, fingerprint: str, plan: Plan, run:
     }
 
 
-def _follow(stats, todo: int, interval: float, commit) -> dict:
-    """Drive the pipeline, printing progress every `interval` seconds; returns this run's counts."""
-    def progress(run: dict, elapsed: float) -> None:
-        done = run["written"] + run["rejected"]
-        rate = done / elapsed
-        eta = f", ETA {(todo - done) / rate:.0f}s" if rate and todo > done else ""
-        log(f"{done}/{todo} rows ({run['written']} written, {run['rejected']} rejected), "
-            f"{rate:.2f} rows/s, {run['completion_tokens'] / elapsed:.1f} tokens/s{eta}")
+COUNTERS = ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens")
 
-    return follow(stats, ("written", "rejected", "consistent", "prompt_tokens", "completion_tokens"), interval,
-                  progress, commit)
+
+def _follow(stats, todo: int, interval: float, commit) -> dict:
+    """Drive the pipeline with a progress display (rows, rate, ETA, rejects), committing each batch's files
+    as they land; returns this run's counts."""
+    display = Progress("synthesize", todo, "rows", interval=interval)
+
+    def counts(run: dict) -> tuple[int, int, str]:
+        elapsed = max(1e-9, time.time() - display.started)
+        return run["written"] + run["rejected"], run["rejected"], f"{run['completion_tokens'] / elapsed:.1f} tokens/s"
+
+    return follow(stats, COUNTERS, display, counts, commit)
 
 
 CARD = ("Rationales written by instructrag-ray's synthesis job (InstructRAG, ICLR 2025): `rationales/` holds one "
@@ -269,3 +333,9 @@ def _summary(m: dict) -> None:
     print(f"  rationales          {m['outputs']['rationales']}")
     print(f"  rejected            {m['outputs']['rejected']}")
     print(f"  manifest            {location(m['config']['output']) / output.MANIFEST}", flush=True)
+
+
+if __name__ == "__main__":  # python -m instructrag_ray.synthesize: the same as jobs/synthesize.py
+    from .cli import job_main
+
+    job_main("synthesize", prog="python -m instructrag_ray.synthesize")

@@ -17,13 +17,11 @@ from pathlib import Path
 # `python jobs/x.py` puts jobs/ on sys.path, not the repo root that holds the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instructrag_ray.cli import run_job  # noqa: E402
-from instructrag_ray.config import SynthesizeConfig  # noqa: E402
+from instructrag_ray.cli import job_main  # noqa: E402
 
 
 def main(argv=None):
-    return run_job(SynthesizeConfig, __doc__, {"input": "input", "output": "output"},
-                   "instructrag_ray.synthesize:run_synthesis", argv)
+    return job_main("synthesize", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,47 @@ def log(message: str) -> None:
     print(f"[build_index] {message}", flush=True)
 
 
-def build_index(cfg: BuildIndexConfig) -> dict:
-    """Build the configured index and its report; returns the manifest (also <output>/manifest.json)."""
+def build_index(cfg: BuildIndexConfig, dry_run: bool = False) -> dict:
+    """Build the configured index and its report; returns the manifest (also <output>/manifest.json).
+    With `dry_run`, check the corpus and the target (the index directory, or the cluster and its index)
+    and return what would be built, changing nothing."""
+    if dry_run:
+        return build_dry_run(cfg)
     if cfg.backend == "elasticsearch":
         return build_elasticsearch(cfg)
     return build_tantivy(cfg)
+
+
+def build_dry_run(cfg: BuildIndexConfig) -> dict:
+    from .. import dryrun
+    from .corpus import read_corpus
+
+    first = next(iter(read_corpus(cfg.corpus)), None)  # a missing file or a wrong layout fails here
+    p = dryrun.Plan("build_index")
+    p.add("corpus", f"{cfg.corpus} ({'empty' if first is None else 'readable'}; passages are counted by the build)")
+    if cfg.backend == "tantivy":
+        from .tantivy_index import check_target
+
+        state = check_target(cfg.index, cfg.heap_mb, cfg.overwrite)
+        p.add("index", f"tantivy at {cfg.index}: would be {state}, in this process ({cfg.heap_mb} MB writer memory)")
+        p.add("report", cfg.output or f"{location(cfg.index).uri}.build")
+        return p.show()
+    from .elastic.client import connect, es_connection, require_client
+    from .elastic.index import get_index, index_definition, index_state
+
+    require_client()
+    cl = es_connection(cfg, "es_")
+    client, info = connect(cl)
+    definition = index_definition(cfg.es_analyzer, cfg.es_shards, cfg.es_bm25_k1, cfg.es_bm25_b)
+    state = index_state(cl, cfg.es_index, get_index(client, cl, cfg.es_index), definition, cfg.overwrite)
+    client.close()
+    version = (info.get("version") or {}).get("number", "?")
+    p.add("index", f"{cfg.es_index} at {cl.url} (Elasticsearch {version}): would be {state}")
+    p.add("load", f"1 reader task + {dryrun.pool(cfg.es_writers, cfg.es_writers, dryrun.cpus(cfg.es_writer_cpus))} "
+                  f"bulk writers, at most {cfg.es_bulk_docs} documents / {cfg.es_bulk_mb:g} MB a request")
+    p.add("report", cfg.output)
+    p.add("ray", dryrun.ray_target(cfg.ray_address))
+    return p.show()
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -201,7 +237,7 @@ def _load(cfg: BuildIndexConfig, cl, corpus: str, output: Location) -> dict:
 
     from .elastic.bulk import BulkWriter
 
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, verbose=cfg.verbose)
     context = ray.data.DataContext.get_current()
     block_size = context.target_max_block_size
     # The reader is one task; Ray cuts its output into blocks of this size, one block per writer call.
@@ -214,7 +250,7 @@ def _load(cfg: BuildIndexConfig, cl, corpus: str, output: Location) -> dict:
             compute=ray.data.ActorPoolStrategy(size=cfg.es_writers),
             fn_constructor_kwargs={"cluster": cl, "index": cfg.es_index, "max_docs": cfg.es_bulk_docs,
                                    "max_bytes": max(1, int(cfg.es_bulk_mb * 1_000_000))})
-        return _follow(ds, output, cfg.progress_interval_s, time.time(), build_fingerprint(cfg))
+        return _follow(ds, output, cfg.progress_interval_s, build_fingerprint(cfg))
     finally:
         context.target_max_block_size = block_size
 
@@ -235,23 +271,21 @@ def _report_count_check(cfg: BuildIndexConfig, run: dict, check: dict, manifest:
             "still there: rerun with overwrite=true to rebuild the index from scratch")
 
 
-def _follow(ds, output: Location, interval: float, started: float, fp: str) -> dict:
-    """Drive the load: sum the writers' rows, write their rejects, print progress every `interval` s."""
+def _follow(ds, output: Location, interval: float, fp: str) -> dict:
+    """Drive the load: sum the writers' rows, write their rejects; a progress display runs meanwhile."""
+    from ..console import Progress
+
     run = {"input": 0, "indexed": 0, "rejected": 0, "requests": 0, "retries": 0, "bytes": 0, "codes": Counter()}
-    last = time.time()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            rejected = json.loads(row["rejected"])
-            write_rejected(passage_rejects(rejected, fp), output)
-            run["input"] += row["received"]
-            run["indexed"] += row["indexed"]
-            run["rejected"] += len(rejected)
-            run["codes"].update(r["code"] for r in rejected)
-            for key in ("requests", "retries", "bytes"):
-                run[key] += row[key]
-        now = time.time()
-        if now - last >= interval:
-            last = now
-            log(f"{run['indexed']} passages indexed, {run['rejected']} rejected, "
-                f"{run['indexed'] / (now - started):.0f} docs/s")
+    with Progress("build_index", None, "passages", interval=interval) as display:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                rejected = json.loads(row["rejected"])
+                write_rejected(passage_rejects(rejected, fp), output)
+                run["input"] += row["received"]
+                run["indexed"] += row["indexed"]
+                run["rejected"] += len(rejected)
+                run["codes"].update(r["code"] for r in rejected)
+                for key in ("requests", "retries", "bytes"):
+                    run[key] += row[key]
+            display.update(run["indexed"], run["rejected"])
     return run

@@ -90,9 +90,7 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Location, *, 
     8 threads of at least 15 MB each.
     """
     loc = location(index_dir, "index")
-    if heap_mb * 1_000_000 < _MIN_HEAP_PER_THREAD:
-        raise InputError(f"heap_mb={heap_mb}: tantivy needs at least {_MIN_HEAP_PER_THREAD // 1_000_000} MB")
-    _check_target(loc, overwrite)
+    check_target(loc, heap_mb, overwrite)
     if loc.local:
         Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(loc.path).parent if loc.local else None  # a sibling, so the final move is a rename
@@ -113,17 +111,23 @@ def build_tantivy_index(passages: Iterable[dict], index_dir: str | Location, *, 
     return stats
 
 
-def _check_target(loc: Location, overwrite: bool) -> None:
+def check_target(index_dir: str | Location, heap_mb: int, overwrite: bool) -> str:
+    """Whether `build_tantivy_index` may build at `index_dir`: "created" or "replaced", else OutputConflict
+    (an existing non-empty directory without overwrite, or one that holds no index). Reads only."""
+    loc = location(index_dir, "index")
+    if heap_mb * 1_000_000 < _MIN_HEAP_PER_THREAD:
+        raise InputError(f"heap_mb={heap_mb}: tantivy needs at least {_MIN_HEAP_PER_THREAD // 1_000_000} MB")
     if loc.is_file():
         raise OutputConflict(f"index {loc.uri} exists and is not a directory; choose another --index")
     if not loc.is_dir() or not (loc.files(recursive=True) or loc.subdirs()):
-        return
+        return "created"
     if not overwrite:
         raise OutputConflict(f"index {loc.uri} is not empty; pass overwrite=true to replace the index "
                              "there, or choose another --index")
     if not (loc / "meta.json").is_file():
         raise OutputConflict(f"index {loc.uri} is not empty and holds no tantivy index (no meta.json); "
                              "refusing to delete it, choose another --index")
+    return "replaced"
 
 
 def _index_passages(passages: Iterable[dict], tmp_dir: Path, heap_mb: int) -> dict:

@@ -11,7 +11,9 @@ from collections import Counter
 from dataclasses import asdict
 
 
+from .. import dryrun
 from ..config import TrainConfig, parse_resources, to_dict
+from ..console import Progress
 from ..errors import InputError, OutputConflict, TrainingError
 from ..models import load_chat_tokenizer
 from ..output import manifest_header, write_manifest, write_table
@@ -42,9 +44,10 @@ def rationale_files(path: str) -> list[Location]:
     return files
 
 
-def prepare_output(cfg: TrainConfig, fingerprint: str) -> bool:
+def prepare_output(cfg: TrainConfig, fingerprint: str, check_only: bool = False) -> bool:
     """Resume, clear (overwrite) or refuse an output; True when it holds a finished run. Call it after the
-    other checks: with overwrite it deletes the old output."""
+    other checks: with overwrite it deletes the old output. With `check_only` (a dry run) nothing is
+    changed."""
     out = location(cfg.output, "output")
     run_file = out / RUN
     if run_file.is_file():
@@ -53,12 +56,20 @@ def prepare_output(cfg: TrainConfig, fingerprint: str) -> bool:
             raise OutputConflict(
                 f"{out.uri} holds a training run with other settings (fingerprint {old}, now {fingerprint}); "
                 "use a new --output, or pass overwrite=true to delete it and start again")
+        if check_only:
+            return not cfg.overwrite and finished_run(out, cfg)
         if old != fingerprint or cfg.overwrite:
             for name in (CHECKPOINTS, MODEL, REJECTED, METRICS, RUN, MANIFEST):
                 (out / name).delete()
+    elif check_only:
+        return False
     elif cfg.overwrite:
         (out / CHECKPOINTS).delete()
     run_file.write_bytes(dumps({"fingerprint": fingerprint, "config": to_dict(cfg)}))
+    return finished_run(out, cfg)
+
+
+def finished_run(out: Location, cfg: TrainConfig) -> bool:
     manifest = out / MANIFEST
     return (manifest.is_file() and (out / MODEL).is_dir()
             and json.loads(manifest.read_text()).get("completed") is True and not cfg.max_steps)
@@ -163,8 +174,9 @@ def write_rejected(output: Location, rows: list[dict], fingerprint: str) -> None
                 directory)
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Run the whole SFT job; returns the manifest (also written to <output>/manifest.json)."""
+def run_training(cfg: TrainConfig, dry_run: bool = False) -> dict:
+    """Run the whole SFT job; returns the manifest (also written to <output>/manifest.json). With
+    `dry_run`, run every check and return what would run, without starting Ray."""
     from .. import cli
 
     started = time.time()
@@ -173,10 +185,12 @@ def run_training(cfg: TrainConfig) -> dict:
     rationale_files(cfg.input)  # a missing input fails before the output is touched
     check_location(out, "output", write=True)
     path = check_model(cfg.model)
+    if dry_run:
+        return training_dry_run(cfg, prepare_output(cfg, fingerprint, check_only=True), out)
     if prepare_output(cfg, fingerprint):
         log(f"{out} already holds the finished run with these settings (model in {out / MODEL}); nothing to do")
         return json.loads((out / MANIFEST).read_text())
-    cli.init_ray(cfg.ray_address)
+    cli.init_ray(cfg.ray_address, verbose=cfg.verbose)
 
     num_docs = resolve_num_docs(cfg.input, cfg.data.num_docs)
     log(f"building examples from {cfg.input} ({num_docs} document{'s' if num_docs != 1 else ''} per prompt)")
@@ -203,17 +217,21 @@ def run_training(cfg: TrainConfig) -> dict:
     train_ds = train_ds.repartition(target_num_rows_per_block=plan.rows_per_step, strict=True).materialize()
     del examples
     fit_started = time.time()
-    result = make_trainer(cfg, plan, train_ds, out).fit()
+    with Progress("train", plan.total_steps, "steps", interval=cfg.progress_interval_s, rejects=False,
+                  poll=MetricsTail(out / METRICS).poll):
+        result = make_trainer(cfg, plan, train_ds, out).fit()
     manifest = training_manifest(cfg, fingerprint, path, summary, num_docs, plan, result, out,
                                  wall=time.time() - started, fit_s=time.time() - fit_started)
     write_manifest(out, manifest)
+    if (out / MODEL).is_dir():
+        write_model_card(out / MODEL, manifest)
     _summary(manifest)
     return manifest
 
 
 def make_trainer(cfg: TrainConfig, plan, train_ds, out: Location):
     """The TorchTrainer: `train_loop_per_worker` on scaling.num_workers workers, checkpoints under <output>."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     o, s = cfg.optim, cfg.scaling
@@ -225,6 +243,7 @@ def make_trainer(cfg: TrainConfig, plan, train_ds, out: Location):
         "log_every": cfg.log_every, "checkpoint_every": cfg.checkpoint_every,
         "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.deepspeed.gradient_checkpointing,
         "metrics_path": str(out / METRICS), "export_dir": str(out / MODEL), "export_check": cfg.export_check,
+        "verbose": cfg.verbose,
         "deepspeed": deepspeed_config(
             zero_stage=cfg.deepspeed.zero_stage, micro_batch_size=o.micro_batch_size, grad_accum=plan.grad_accum,
             world_size=s.num_workers, learning_rate=o.learning_rate, weight_decay=o.weight_decay,
@@ -240,6 +259,8 @@ def make_trainer(cfg: TrainConfig, plan, train_ds, out: Location):
         run_config=RunConfig(
             name=CHECKPOINTS, storage_path=out.uri,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (worker group started, each checkpoint reported) only with verbose=true
+            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets={"train": train_ds},
         dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
@@ -269,6 +290,106 @@ def training_manifest(cfg: TrainConfig, fingerprint: str, path: str, summary: di
                     "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
                     "metrics": str(out / METRICS), "rejected": str(out / REJECTED)},
     }
+
+
+class MetricsTail:
+    """The training progress from <output>/metrics.jsonl (rank 0 rewrites it, atomically, as steps are
+    logged; on an object store every few seconds): `poll()` -> (step, 0, 'loss x')."""
+
+    def __init__(self, path: Location):
+        self.path, self.step, self.note = path, 0, ""
+
+    def poll(self) -> tuple[int, int, str]:
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                if "step" in record:
+                    self.step = record["step"]
+                if "loss" in record:
+                    self.note = f"loss {record['loss']:.4f}, {record['tokens_per_s']:.0f} tokens/s"
+        return self.step, 0, self.note
+
+
+def write_model_card(model_dir: Location, m: dict) -> Location:
+    """README.md in the exported model directory: what it was trained from, how, and how far it got."""
+    c, data, plan = m["config"], m["data"], m["plan"]
+    o, ds, sc = c["optim"], c["deepspeed"], c["scaling"]
+    rejected = ", ".join(f"{k}: {v}" for k, v in data["rejected"].items()) or "none"
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [instructrag, rag]", "---", "",
+        f"# InstructRAG-FT: {c['model'].rstrip('/').rsplit('/', 1)[-1] or c['model']}, fine-tuned on denoising rationales", "",
+        "Written by instructrag-ray's jobs/train.py (InstructRAG, Wei, Chen and Meng, ICLR 2025). Load it with "
+        "`AutoModelForCausalLM.from_pretrained(<this directory>)`; evaluate it with jobs/evaluate.py "
+        "`ft_model=<this directory>`. The prompt it was trained on: PAPER.md's FT prompt (documents, then the "
+        "question) as the user turn, rendered by the model's own chat template.", "",
+        "## Base model", "", f"- `model`: {c['model']} (loaded from {m['model_source']})", "",
+        "## Training data", "",
+        f"- input: {c['input']}",
+        f"- {data['rows_read']} rationale rows read; {data['examples']} trained on; {data['skipped_inconsistent']} "
+        f"skipped as not consistent (`data.consistent_only={str(c['data']['consistent_only']).lower()}`); rejected: "
+        f"{rejected}",
+        f"- {data['num_docs']} documents per prompt; at most {c['data']['max_length']} tokens per example "
+        f"({data['examples_with_documents_truncated']} examples had documents cut); {data['target_tokens']} target "
+        f"tokens of {data['tokens']}", "",
+        "## Settings", "",
+        f"- {plan['epochs']} epochs, {plan['total_steps']} optimizer steps, global batch {o['global_batch_size']} "
+        f"({o['micro_batch_size']} x {plan['grad_accum']} accumulation x {sc['num_workers']} workers)",
+        f"- AdamW, learning rate {o['learning_rate']:g} (cosine, warm-up ratio {o['warmup_ratio']:g}), weight decay "
+        f"{o['weight_decay']:g}, gradient clip {o['grad_clip']:g}; seed {c['seed']}",
+        f"- DeepSpeed ZeRO-{ds['zero_stage']}, {'GPU' if sc['use_gpu'] else 'CPU'} workers, "
+        f"{resolve_precision(ds['precision'], sc['use_gpu'])}; packing {'on' if c['data']['packing'] else 'off'}",
+        f"- config fingerprint {m['config_fingerprint']} (the whole config is in the run's manifest.json)", "",
+        "## Training metrics", "",
+        f"- loss (mean over target tokens): {_num(m['first_loss'])} at the first logged step, "
+        f"{_num(m['final_loss'])} at step {m['final_step']} of {plan['total_steps']}"
+        + ("" if m["completed"] else " (stopped early by max_steps: a rerun without it continues)"),
+        f"- export check: largest |logit difference| between this export and the trained engine: "
+        f"{m['export_max_abs_logit_diff']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v and k != 'platform')}", "",
+        "Evaluation metrics are not part of this card: jobs/evaluate.py writes them to its own output "
+        "(metrics.json, report.md).", ""]
+    path = model_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def training_dry_run(cfg: TrainConfig, finished: bool, out: Location) -> dict:
+    """What run_training would run (printed): the rationale rows, the step plan, the workers; nothing is
+    started or written. Examples are counted before tokenizing, so rows whose rationale alone is longer
+    than data.max_length (rejected as target_too_long in a run) are still counted."""
+    files = rationale_files(cfg.input)
+    flags = [bool(x) for f in files for x in f.read_parquet(["consistent"]).column("consistent").to_pylist()]
+    flags = flags[:cfg.data.limit] if cfg.data.limit else flags  # data.limit: the first N rows, in file order
+    rows, consistent = len(flags), sum(flags)
+    usable = consistent if cfg.data.consistent_only else rows
+    o, s = cfg.optim, cfg.scaling
+    p = dryrun.Plan("train")
+    p.add("input", f"{cfg.input}: {len(files)} Parquet files, {rows} rationale rows, {consistent} consistent")
+    p.add("model", f"{cfg.model} (chat template marks the targets)")
+    steps = checkpoint_steps(out / CHECKPOINTS)
+    state = ("the finished run with these settings: nothing to do" if finished else
+             f"resumes from checkpoint step {max(steps)}" if steps and not cfg.overwrite else "a new run")
+    p.add("output", f"{cfg.output}: {state}")
+    if usable < s.num_workers:
+        raise TrainingError(f"{usable} usable rationale rows in {cfg.input}; at least scaling.num_workers={s.num_workers} "
+                            "are needed (data.consistent_only=true keeps only rationales that contain a gold answer)")
+    plan = plan_steps(usable, s.num_workers, o.micro_batch_size, o.global_batch_size, o.epochs, o.warmup_ratio)
+    p.add("steps", f"at most {plan.total_steps} ({plan.epochs} epochs x {plan.steps_per_epoch}) for at most {usable} "
+                   f"examples; global batch {o.global_batch_size} = {o.micro_batch_size} x {plan.grad_accum} x "
+                   f"{s.num_workers} workers")
+    p.add("workers", f"{s.num_workers} x ({s.cpus_per_worker:g} CPU{' + 1 GPU' if s.use_gpu else ''}"
+                     f"{' + ' + s.resources if s.resources else ''}), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, "
+                     f"{resolve_precision(cfg.deepspeed.precision, s.use_gpu)}")
+    p.add("ray", dryrun.ray_target(cfg.ray_address))
+    return p.show()
+
+
+def checkpoint_steps(directory: Location) -> list[int]:
+    return [int(d.name[5:]) for d in directory.subdirs() if d.name.startswith("step_") and d.name[5:].isdigit()]
 
 
 def read_metrics(path) -> list[dict]:

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import prompts
+from ..console import quiet_worker
 from ..errors import TrainingError
 from ..models import resolve_model
 from ..storage import location
@@ -130,6 +131,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    if not config.get("verbose"):
+        quiet_worker()  # the driver shows the steps (metrics.jsonl); see console.py
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # known, not detected: no "unable to detect" warning
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = StepPlan(**config["plan"])
@@ -156,7 +161,8 @@ def train_loop_per_worker(config: dict) -> None:
     diff = export_model(engine, tokenizer, path, export_dir, stage, rank, hf_ds, check=config["export_check"])
     if rank == 0:
         check = "" if diff is None else f" (max |logit difference| to the trained engine: {diff:g})"
-        log(f"exported {export_dir}{check}")
+        if config.get("verbose"):
+            log(f"exported {export_dir}{check}")
         metrics.append({"event": "export", "step": pos.step, "path": export_dir, "max_abs_logit_diff": diff,
                         "completed": pos.step >= plan.total_steps, "time": time.time()}, flush=True)
 
@@ -242,7 +248,8 @@ def train_epoch(engine, shard, pos: Position, plan: StepPlan, stop: int, pad_id:
             record = window.flush(pos, plan)
             if metrics is not None:
                 metrics.append(record)
-                log(_format(record, plan))
+                if config.get("verbose"):  # else the driver's progress display shows the step
+                    log(_format(record, plan))
         if config["checkpoint_every"] and pos.step % config["checkpoint_every"] == 0 and pos.step < stop:
             if metrics is not None:
                 metrics.flush()
@@ -400,7 +407,9 @@ def export_model(engine, tokenizer, source: str, out_dir: str, zero_stage: int, 
     # saved on local disk first: beside the target (then renamed into place), or in a temp dir (then uploaded)
     tmp = Path(target.path + ".tmp") if target.local else Path(tempfile.mkdtemp(prefix="instructrag-export-"))
     shutil.rmtree(tmp, ignore_errors=True)
+    engine.module.config.use_cache = True  # off only while training (build_engine); generation wants the cache
     engine.module.save_pretrained(tmp, state_dict=state_dict)
+    engine.module.config.use_cache = False
     tokenizer.save_pretrained(tmp)
     try:
         GenerationConfig.from_pretrained(source).save_pretrained(tmp)

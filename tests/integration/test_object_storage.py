@@ -125,7 +125,7 @@ def test_a_synthesis_killed_on_s3_resumes_exactly_once(tiny_model, world, s3, tm
 def test_storage_problems_are_one_line_at_start(s3, tiny_model, world, job_main, capsys, monkeypatch):
     with pytest.raises(StorageError, match=r"output=s3://no-such-bucket/out: the bucket 'no-such-bucket' does not exist"):
         check_location(location("s3://no-such-bucket/out"), "output", write=True)
-    with pytest.raises(StorageError, match=r"input=s3://bkt/nothing-here.jsonl does not exist"):
+    with pytest.raises(StorageError, match=r"input s3://bkt/nothing-here.jsonl does not exist; pass --input"):
         check_location(location("s3://bkt/nothing-here.jsonl"), "input")
     with pytest.raises(StorageError, match=r"no installed filesystem serves foo://"):
         location("foo://bucket/x", "output")

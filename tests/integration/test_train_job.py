@@ -62,6 +62,10 @@ def check_trained_model(out, manifest, tiny_model):
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(changed) == len(list(base.named_parameters()))
     assert AutoTokenizer.from_pretrained(model_dir).chat_template
+    assert trained.config.use_cache  # off only while training
+    card = (model_dir / "README.md").read_text()  # the model card
+    assert "## Base model" in card and "`model`: " in card and f"{manifest['data']['examples']} trained on" in card
+    assert f"{manifest['final_loss']:.4f} at step {manifest['final_step']}" in card
     assert GenerationConfig.from_pretrained(model_dir).eos_token_id == base.generation_config.eos_token_id
 
     # The latest DeepSpeed checkpoint (ZeRO shards consolidated offline) reloads to identical logits.

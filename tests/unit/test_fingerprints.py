@@ -31,7 +31,7 @@ SHAPING = {
 }
 # Keys that never change what is written: where it goes, how much of it, how fast, with what resources.
 NOT_SHAPING = {
-    "input", "output", "limit", "overwrite", "ray_address", "progress_interval_s", "rows_per_file",
+    "input", "output", "limit", "overwrite", "ray_address", "progress_interval_s", "verbose", "rows_per_file",
     "retrieval.batch_size", "retrieval.num_cpus", "retrieval.min_actors", "retrieval.max_actors",
     "retrieval.resources", "retrieval.es_url", "retrieval.es_api_key", "retrieval.es_username",
     "retrieval.es_password", "retrieval.es_ca_certs", "retrieval.es_verify_certs", "retrieval.es_request_timeout_s",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from instructrag_ray.metrics import (ACCURACY, OVERALL, STR_EM, bootstrap_ci, compute_metrics, headline_metric,
-                                     markdown_report, plot_report, score_prediction, stream)
+                                     markdown_report, plot_report, report_figure, score_prediction, stream)
 
 # --- per-row correctness: the one rule (answers.has_answer / answers.str_em) ----------------------------
 
@@ -151,3 +151,35 @@ def test_markdown_report_and_chart(tmp_path):
     assert "(2/0) n=3" in text  # popqa: two rows only ICL got right, none the other way
     plot_report(m, tmp_path / "r.png", "Test")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_labels_n_shows_zero_bars_and_plots_the_paired_differences():
+    """The figure's objects (not pixels): n on every bar, an outline for a zero score, a second panel
+    with InstructRAG − each baseline and its interval whiskers."""
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.patches import Rectangle
+
+    names = {"A": "instructrag-icl", "B": "vanilla-rag"}
+    zero = [dict(r, method="no-retrieval", correct=False, str_em=None if r["str_em"] is None else 0.0)
+            for r in rows() if r["method"] == "A"]
+    m = compute_metrics([dict(r, method=names[r["method"]]) for r in rows()] + zero,
+                        ["instructrag-icl", "vanilla-rag", "no-retrieval"], resamples=100)
+    fig = report_figure(m, "Test")
+    scores, paired = fig.axes
+    labels = [t.get_text() for t in scores.texts]
+    assert len(labels) == 9  # 3 methods x (asqa, popqa, overall)
+    assert "75\nn=4" in labels and "40\nn=5" in labels and labels.count("0\nn=6") == 1
+    outlines = [p for p in scores.patches if isinstance(p, Rectangle) and p.get_label() == "_zero"]
+    assert len(outlines) == 3 and all(p.get_height() > 0 and not p.get_fill() for p in outlines)
+    assert [t.get_text() for t in paired.get_legend().get_texts()] == [
+        "instructrag-icl − vanilla-rag", "instructrag-icl − no-retrieval"]
+    bars = [c for c in paired.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2 and all(c.has_yerr for c in bars)
+    assert "+67\nn=3" in [t.get_text() for t in paired.texts]  # popqa: ICL − vanilla-rag on 3 shared rows
+    plt.close(fig)
+    # without a pair to compare, one panel
+    single = compute_metrics([r for r in rows() if r["method"] == "A"], ["A"], resamples=50)
+    fig = report_figure(single)
+    assert len(fig.axes) == 1
+    plt.close(fig)

@@ -130,17 +130,28 @@ def check_search_index(cl: Cluster, index: str, fields: str | dict[str, float]) 
     return info
 
 
+def index_state(cl: Cluster, index: str, found: dict | None, definition: dict, overwrite: bool) -> str:
+    """What prepare_index will do with `index` (`found`: get_index's answer), changing nothing: "created",
+    "replaced" or "reused"; ClusterError for an alias or an index that cannot be reused."""
+    if found is not None and index not in found:
+        raise ClusterError(f"{cl.keys}index={index} is an alias of {', '.join(sorted(found))}; build into a concrete "
+                           "index name and point the alias at it when the build has finished")
+    if found is None:
+        return "created"
+    if overwrite:
+        return "replaced"
+    _check_reusable(cl, index, found[index], definition)
+    return "reused"
+
+
 def prepare_index(client, cl: Cluster, index: str, definition: dict, overwrite: bool) -> str:
     """Make `index` ready for a bulk load: create it, replace it (overwrite), or reuse it; returns
     "created", "replaced" or "reused". A reused index (a rerun: documents are overwritten under their
     passage id) must have been built with the same shards and analysis; it is put back into load
     mode (no replicas, no refresh, _meta state loading) until `finish_index`."""
     found = get_index(client, cl, index)
-    if found is not None and index not in found:
-        raise ClusterError(f"{cl.keys}index={index} is an alias of {', '.join(sorted(found))}; build into a concrete "
-                           "index name and point the alias at it when the build has finished")
-    if found is not None and not overwrite:
-        _check_reusable(cl, index, found[index], definition)
+    state = index_state(cl, index, found, definition, overwrite)
+    if state == "reused":
         settings = {"index": {"number_of_replicas": 0, "refresh_interval": "-1"}}
         call(cl, f"PUT /{index}/_settings", lambda: client.indices.put_settings(index=index, settings=settings))
         call(cl, f"PUT /{index}/_mapping", lambda: client.indices.put_mapping(
