@@ -234,7 +234,9 @@ class BuildIndexConfig(ElasticsearchConnection):
 # --- evaluation ------------------------------------------------------------------------------------
 
 # The methods jobs/evaluate.py compares (instructrag_ray/evaluate.py builds their prompts).
-EVAL_METHODS = ("instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval")
+EVAL_METHODS = ("instructrag-ft", "vanilla-sft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval")
+# What `methods` runs by default: every method but vanilla-sft (which needs sft_model, a second training run).
+DEFAULT_METHODS = ("instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval")
 ICL_METHODS = ("instructrag-icl", "icl-qa")
 
 
@@ -258,8 +260,9 @@ class EvaluateConfig:
     input: str = opt("", "test QA rows: .jsonl, .json, .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk; every row needs gold answers")
     dataset: str = opt("", "dataset name for rows that carry none; default: guessed from the file name, else the file name")
     output: str = opt("", "output directory: predictions/, rejected/, metrics.json, report.md, report.png, manifest.json")
-    methods: str = opt(",".join(EVAL_METHODS), f"comma-separated methods to run (any of: {', '.join(EVAL_METHODS)})")
-    ft_model: str = opt("", "the fine-tuned model directory (jobs/train.py's <output>/model) that instructrag-ft uses; every other method uses generation.model")
+    methods: str = opt(",".join(DEFAULT_METHODS), f"comma-separated methods to run (any of: {', '.join(EVAL_METHODS)})")
+    ft_model: str = opt("", "the fine-tuned model directory (jobs/train.py's <output>/model) that instructrag-ft uses; every other method but vanilla-sft uses generation.model")
+    sft_model: str = opt("", "the vanilla SFT baseline that vanilla-sft uses: jobs/train.py's <output>/model from a run with data.target=answer (trained on the gold answers instead of rationales)")
     limit: int = opt(0, "evaluate at most this many input rows (0 = all)", minimum=0)
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
@@ -294,6 +297,9 @@ class EvaluateConfig:
         if "instructrag-ft" in methods and not self.ft_model:
             raise ConfigError("methods includes instructrag-ft but ft_model is empty; pass ft_model=DIR (the fine-tuned "
                               "model, jobs/train.py's <output>/model) or leave instructrag-ft out of methods")
+        if "vanilla-sft" in methods and not self.sft_model:
+            raise ConfigError("methods includes vanilla-sft but sft_model is empty; pass sft_model=DIR (jobs/train.py's "
+                              "<output>/model from a run with data.target=answer) or leave vanilla-sft out of methods")
         if any(m in ICL_METHODS for m in methods) and not self.demos.path:
             raise ConfigError("methods includes instructrag-icl or icl-qa but demos.path is empty; pass demos.path= a "
                               "synthesis output directory (its rationales/) or a demos JSON file")
@@ -308,7 +314,7 @@ class EvaluateConfig:
 
     def method_shaping(self, method: str, demos: list | None, index_fingerprint: str = "") -> dict:
         """Every setting that shapes `method`'s predictions; `demos` are its demonstrations (ICL methods)."""
-        model = self.ft_model if method == "instructrag-ft" else self.generation.model
+        model = {"instructrag-ft": self.ft_model, "vanilla-sft": self.sft_model}.get(method, self.generation.model)
         documents = None if method == "no-retrieval" else {
             "num_docs": self.prompt.num_docs, "retrieval": retrieval_shaping(self.retrieval, index_fingerprint)}
         return {"method": method, "generation": generation_shaping(self.generation, model), "documents": documents,
@@ -320,7 +326,8 @@ class EvaluateConfig:
 
 @dataclass
 class TrainDataConfig:
-    consistent_only: bool = opt(True, "train only on rows whose rationale contains a gold answer (column consistent); false: every row")
+    target: str = choice("rationale", "rationale", "answer", doc="what the model learns to write after the FT prompt: rationale (InstructRAG-FT) or answer (the paper's vanilla SFT baseline: the first gold answer; evaluate it with jobs/evaluate.py methods=vanilla-sft sft_model=<output>/model)")
+    consistent_only: bool = opt(True, "train only on rows whose rationale contains a gold answer (column consistent); false: every row (data.target=answer always trains on every row)")
     num_docs: int = opt(0, "K: documents in the FT prompt; 0 = the K the rationales were written with (prompt.num_docs in the synthesis manifest.json), else 5 (paper: 5; 10 for 2WikiMultiHopQA)", minimum=0)
     max_length: int = opt(4096, "most tokens per example (prompt + rationale + end-of-turn); documents are cut from the left to fit, the rationale is kept whole (paper: 4096)", minimum=8)
     limit: int = opt(0, "use at most the first N rationale rows (0 = all)", minimum=0)
@@ -413,7 +420,7 @@ class TrainConfig:
             # a URI as written; a local path made absolute
             "input": self.input if "://" in self.input else str(Path(self.input).resolve()),
             "model": self.model, "seed": self.seed,
-            "data": {"consistent_only": d.consistent_only, "num_docs": d.num_docs, "max_length": d.max_length,
+            "data": {"target": d.target, "consistent_only": d.consistent_only, "num_docs": d.num_docs, "max_length": d.max_length,
                      "limit": d.limit, "shuffle_buffer": d.shuffle_buffer},
             "optim": dataclasses.asdict(o),
             "zero_stage": self.deepspeed.zero_stage,

@@ -4,11 +4,13 @@
          -> for each model: prompt (one row per method) -> generate -> score
          -> union -> write predictions/ + rejected/ -> metrics.json, report.md, report.png, manifest.json
 
-Methods and the model each uses (`generation.model` is the base model; `ft_model` the fine-tuned one):
+Methods and the model each uses (`generation.model` is the base model; `ft_model` the fine-tuned one;
+`sft_model` the vanilla SFT baseline, jobs/train.py with data.target=answer):
 
 | method            | model    | prompt                                                                     |
 |-------------------|----------|----------------------------------------------------------------------------|
 | `instructrag-ft`  | ft_model | PAPER.md's FT prompt: documents + question                                  |
+| `vanilla-sft`     | sft_model | the FT prompt (the model was trained on it with the gold answer as target)  |
 | `instructrag-icl` | base     | PAPER.md's ICL prompt: N (question, rationale) demonstrations, documents, question |
 | `vanilla-rag`     | base     | the FT prompt's wording (documents + question), no demonstrations           |
 | `icl-qa`          | base     | the ICL prompt with each demonstration's short answer in place of its rationale |
@@ -54,9 +56,10 @@ from .retrieval.stage import check_retrieval, retrieve
 from .rows import cached_get, ok_rows, reblock, reject, require, select_rows
 from .storage import Location, check_location, location
 
-FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = "instructrag-ft", "instructrag-icl", "vanilla-rag", "icl-qa", "no-retrieval"
+FT, SFT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = ("instructrag-ft", "vanilla-sft", "instructrag-icl", "vanilla-rag", "icl-qa",
+                                             "no-retrieval")
 # Report order: the two InstructRAG methods first, then the baselines.
-METHOD_ORDER = (FT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL)
+METHOD_ORDER = (FT, SFT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL)
 
 # --- wording that is ours, not the paper's (the reference code has no baselines) -----------------------
 # vanilla-rag reuses PAPER.md's FT prompt (prompts.ft_parts) unchanged, and icl-qa the ICL prompt
@@ -78,7 +81,7 @@ def log(message: str) -> None:
 
 def method_parts(method: str, question: str, docs: list[dict], demos: list[dict]) -> prompts.PromptParts:
     """The user turn of `method` for one question; demos are {question, rationale, answer}."""
-    if method in (FT, VANILLA):
+    if method in (FT, SFT, VANILLA):
         return prompts.ft_parts(question, docs)
     if method == ICL:
         return prompts.icl_parts(question, docs, [{"question": d["question"], "rationale": d["rationale"]} for d in demos])
@@ -323,9 +326,10 @@ def prepare_output(out: Location, fingerprints: dict[str, str], overwrite: bool,
 
 
 def model_groups(cfg: EvaluateConfig, methods: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(config key, model, its methods) for every model in play: the base model and ft_model."""
-    groups = [("generation.model", cfg.generation.model, [m for m in methods if m != FT]),
-              ("ft_model", cfg.ft_model, [FT] if FT in methods else [])]
+    """(config key, model, its methods) for every model in play: the base model, ft_model, sft_model."""
+    groups = [("generation.model", cfg.generation.model, [m for m in methods if m not in (FT, SFT)]),
+              ("ft_model", cfg.ft_model, [FT] if FT in methods else []),
+              ("sft_model", cfg.sft_model, [SFT] if SFT in methods else [])]
     return [g for g in groups if g[2]]
 
 

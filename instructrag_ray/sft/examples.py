@@ -1,5 +1,8 @@
 """Training examples: PAPER.md's FT prompt (documents + question) as the user turn and the rationale
-as the assistant turn, rendered by the model's chat template, with labels on the target only."""
+as the assistant turn, rendered by the model's chat template, with labels on the target only.
+
+With data.target=answer the assistant turn is the row's first gold answer instead: the paper's vanilla
+SFT baseline, trained on the same prompts and evaluated with the same FT prompt (method vanilla-sft)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ INPUT_COLUMNS = ["id", "dataset", "question", "answers", "ctxs", "rationale", "c
 
 
 class TargetTooLong(ValueError):
-    """The rendered rationale and end-of-turn token alone leave no room for a prompt."""
+    """The rendered target and end-of-turn token alone leave no room for a prompt."""
+
+
+class NoAnswer(ValueError):
+    """data.target=answer, and the row has no gold answer to train on."""
 
 
 class TemplateError(TrainingError):
@@ -77,7 +84,7 @@ def build_example(tokenizer, question: str, ctxs: list[dict], rationale: str, nu
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     budget = max_length - len(target_ids)
     if budget < 1:
-        raise TargetTooLong(f"the rationale and end-of-turn are {len(target_ids)} tokens; data.max_length="
+        raise TargetTooLong(f"the target and end-of-turn are {len(target_ids)} tokens; data.max_length="
                             f"{max_length} leaves no room for the prompt; raise data.max_length")
     try:
         rendered = prompts.render(tokenizer, parts, budget)
@@ -109,13 +116,15 @@ class ExampleStage:
     rationale, consistent; writes id, dataset, input_ids, prompt_tokens, target_tokens,
     truncated_tokens, question_cut, tokens; `inconsistent` for a row left out because its rationale
     holds no gold answer (data.consistent_only); the reject columns and original (rows.py's vocabulary)
-    for a row that cannot be trained on (stage train, reason target_too_long)."""
+    for a row that cannot be trained on (stage train, reason target_too_long, or no_answer with
+    target=answer)."""
 
-    def __init__(self, model: str, num_docs: int, max_length: int, consistent_only: bool):
+    def __init__(self, model: str, num_docs: int, max_length: int, consistent_only: bool, target: str = "rationale"):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self.num_docs, self.max_length, self.consistent_only = num_docs, max_length, consistent_only
+        self.num_docs, self.max_length, self.target = num_docs, max_length, target
+        self.consistent_only = consistent_only and target == "rationale"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, "examples", *INPUT_COLUMNS)
@@ -129,10 +138,10 @@ class ExampleStage:
                 out.append(rec)
                 continue
             try:
-                ex = build_example(self.tokenizer, row["question"], row["ctxs"], row["rationale"], self.num_docs,
-                                   self.max_length)
-            except TargetTooLong as e:
-                reject(rec, "train", "target_too_long", str(e))
+                ex = build_example(self.tokenizer, row["question"], row["ctxs"], target_text(row, self.target),
+                                   self.num_docs, self.max_length)
+            except (TargetTooLong, NoAnswer) as e:
+                reject(rec, "train", "target_too_long" if isinstance(e, TargetTooLong) else "no_answer", str(e))
                 rec["original"] = json.dumps(row, ensure_ascii=False, default=str)
             else:
                 rec.update(input_ids=ex.input_ids, tokens=len(ex.input_ids), prompt_tokens=ex.prompt_tokens,
@@ -140,6 +149,16 @@ class ExampleStage:
                            truncated_tokens=ex.truncated_tokens, question_cut=ex.question_cut)
             out.append(rec)
         return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+
+
+def target_text(row: dict, target: str) -> str:
+    """The assistant turn of one example: the rationale, or (target=answer) the first gold answer."""
+    if target == "rationale":
+        return row["rationale"]
+    answers = [a for a in row["answers"] or [] if a and a.strip()]
+    if not answers:
+        raise NoAnswer("the row has no gold answer to train on (data.target=answer)")
+    return answers[0]
 
 
 def trainable(batch: pa.Table) -> pa.Table:

@@ -128,7 +128,7 @@ def build_examples(cfg: TrainConfig, num_docs: int):
         ExampleStage, batch_format="pyarrow", batch_size=64, num_cpus=d.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.max_actors),
         fn_constructor_kwargs={"model": cfg.model, "num_docs": num_docs, "max_length": d.max_length,
-                               "consistent_only": d.consistent_only}).materialize()
+                               "consistent_only": d.consistent_only, "target": d.target}).materialize()
 
 
 def summarize_examples(examples) -> tuple[dict, list[dict]]:
@@ -315,13 +315,16 @@ def write_model_card(model_dir: Location, m: dict) -> Location:
     c, data, plan = m["config"], m["data"], m["plan"]
     o, ds, sc = c["optim"], c["deepspeed"], c["scaling"]
     rejected = ", ".join(f"{k}: {v}" for k, v in data["rejected"].items()) or "none"
+    answer = c["data"].get("target") == "answer"
+    title, key = ("Vanilla SFT", "sft_model") if answer else ("InstructRAG-FT", "ft_model")
+    trained_on = "the first gold answer (the paper's vanilla SFT baseline)" if answer else "denoising rationales"
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [instructrag, rag]", "---", "",
-        f"# InstructRAG-FT: {c['model'].rstrip('/').rsplit('/', 1)[-1] or c['model']}, fine-tuned on denoising rationales", "",
+        f"# {title}: {c['model'].rstrip('/').rsplit('/', 1)[-1] or c['model']}, fine-tuned on {trained_on}", "",
         "Written by instructrag-ray's jobs/train.py (InstructRAG, Wei, Chen and Meng, ICLR 2025). Load it with "
         "`AutoModelForCausalLM.from_pretrained(<this directory>)`; evaluate it with jobs/evaluate.py "
-        "`ft_model=<this directory>`. The prompt it was trained on: PAPER.md's FT prompt (documents, then the "
-        "question) as the user turn, rendered by the model's own chat template.", "",
+        f"`{key}=<this directory>`. The prompt it was trained on: PAPER.md's FT prompt (documents, then the "
+        f"question) as the user turn, rendered by the model's own chat template; the target: {trained_on}.", "",
         "## Base model", "", f"- `model`: {c['model']} (loaded from {m['model_source']})", "",
         "## Training data", "",
         f"- input: {c['input']}",
@@ -365,7 +368,7 @@ def training_dry_run(cfg: TrainConfig, finished: bool, out: Location) -> dict:
     flags = [bool(x) for f in files for x in f.read_parquet(["consistent"]).column("consistent").to_pylist()]
     flags = flags[:cfg.data.limit] if cfg.data.limit else flags  # data.limit: the first N rows, in file order
     rows, consistent = len(flags), sum(flags)
-    usable = consistent if cfg.data.consistent_only else rows
+    usable = consistent if cfg.data.consistent_only and cfg.data.target == "rationale" else rows
     o, s = cfg.optim, cfg.scaling
     p = dryrun.Plan("train")
     p.add("input", f"{cfg.input}: {len(files)} Parquet files, {rows} rationale rows, {consistent} consistent")

@@ -193,3 +193,30 @@ def test_packed_training_takes_the_same_steps_as_padded(zero2, rationales, tmp_p
         assert record["padding_share"] <= padded[step]["padding_share"]
     # Only step 3's empty micro-batch (a single padding token, see COMMON) computes any padding.
     assert packed[1]["padding_share"] == packed[2]["padding_share"] == 0.0
+
+
+def test_vanilla_sft_trains_on_the_answers_and_evaluates_as_its_own_method(rationales, index, world, tmp_path_factory):
+    """The paper's vanilla SFT baseline in one command each: jobs/train.py with data.target=answer
+    (the same FT prompts, the first gold answer as the target, every row), then jobs/evaluate.py with
+    methods=vanilla-sft sft_model=<its model>."""
+    from instructrag_ray.config import EvaluateConfig
+    from instructrag_ray.evaluate import run_evaluation
+
+    root = tmp_path_factory.mktemp("vanilla-sft")
+    manifest = run_training(train_config(rationales, root / "sft", "deepspeed.zero_stage=2", "data.target=answer",
+                                         "data.consistent_only=true", "optim.epochs=1", "data.limit=8"))
+    # every row is trained on (consistent_only does not apply to answers); targets are short answers
+    assert manifest["data"]["examples"] == manifest["data"]["rows_read"] == 8 and manifest["final_step"] == 1
+    assert manifest["data"]["target_tokens"] < manifest["data"]["tokens"] / 4
+    card = (root / "sft" / "model" / "README.md").read_text()
+    assert "# Vanilla SFT:" in card and "`sft_model=<this directory>`" in card
+    evaluation = run_evaluation(load_config(EvaluateConfig, None, [
+        f"input={world['test']}", f"output={root / 'eval'}", f"retrieval.index_path={index}", "limit=4",
+        "methods=vanilla-sft", f"sft_model={root / 'sft' / 'model'}", "generation.max_new_tokens=4",
+        "metrics.resamples=50", "progress_interval_s=0"]))
+    assert evaluation["predictions"]["vanilla-sft"] == 4, evaluation["predictions"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "eval" / "predictions").to_pylist()
+    generators = {r["method"]: r["generator"] for r in rows}
+    assert generators == {"vanilla-sft": f"transformers:{root / 'sft' / 'model'}"}

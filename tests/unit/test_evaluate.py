@@ -163,6 +163,9 @@ def test_config_names_the_bad_method_and_what_each_method_needs():
         cfg("methods=icl")
     with pytest.raises(ConfigError, match="ft_model is empty"):
         cfg("methods=instructrag-ft")
+    with pytest.raises(ConfigError, match="sft_model is empty; pass sft_model=DIR .*data.target=answer"):
+        cfg("methods=vanilla-sft")
+    assert "vanilla-sft" not in EvaluateConfig().method_list()  # opt-in: it needs a second training run
     with pytest.raises(ConfigError, match="demos.path is empty"):
         cfg("methods=icl-qa")
     with pytest.raises(ConfigError, match="the template baseline reads the gold answers"):
@@ -265,3 +268,16 @@ def test_score_stage_uses_the_one_definition_of_correct():
     out = score_batch(table).to_pylist()
     assert [(r["correct"], r["str_em"]) for r in out] == [(True, None), (True, 0.5), (None, None)]
     assert out[0]["prediction"] == "So the answer is the Eiffel Tower."
+
+
+def test_vanilla_sft_uses_its_own_model_and_the_ft_prompt():
+    from instructrag_ray.evaluate import method_parts, model_groups
+
+    cfg = load_config(EvaluateConfig, None, ["input=a", "output=b", "methods=vanilla-sft,instructrag-ft,vanilla-rag",
+                                             "ft_model=/ft", "sft_model=/sft"])
+    groups = model_groups(cfg, cfg.method_list())
+    assert [(key, model, methods) for key, model, methods in groups] == [
+        ("generation.model", "tiny", ["vanilla-rag"]), ("ft_model", "/ft", ["instructrag-ft"]),
+        ("sft_model", "/sft", ["vanilla-sft"])]
+    docs = [{"title": "T", "text": "x", "score": 1.0}]
+    assert method_parts("vanilla-sft", "Q?", docs, []) == method_parts("instructrag-ft", "Q?", docs, [])

@@ -46,11 +46,11 @@ NOT_SHAPING = {
     "generation.gpu_memory_utilization", "generation.max_num_seqs",
 }
 # Evaluation's own keys.
-EVAL_SHAPING = {"ft_model"}
+EVAL_SHAPING = {"ft_model", "sft_model"}
 EVAL_NOT_SHAPING = {"methods", "demos.path", "demos.num", "demos.seed", "demos.pool", "metrics.resamples",
                     "metrics.confidence", "metrics.seed"}  # demos shape through the chosen rows, metrics are reports
 BASE = ["input=in.jsonl", "output=out", "retrieval.index_path=/index", "generation.base_url=http://127.0.0.1:8/v1"]
-EVAL_BASE = BASE + ["ft_model=/ft", "demos.path=demos.json"]
+EVAL_BASE = BASE + ["ft_model=/ft", "sft_model=/sft", "demos.path=demos.json"]
 
 
 def test_every_key_of_both_jobs_is_classified():
@@ -88,6 +88,8 @@ def test_other_keys_leave_the_fingerprints_alone(key, value):
 def test_evaluation_fingerprints_follow_their_own_model_documents_and_demonstrations():
     assert eval_fp("instructrag-ft") != eval_fp("instructrag-ft", "ft_model=/ft2")
     assert eval_fp("vanilla-rag") == eval_fp("vanilla-rag", "ft_model=/ft2")  # the base model's method
+    assert eval_fp("vanilla-sft") != eval_fp("vanilla-sft", "sft_model=/sft2")
+    assert eval_fp("instructrag-ft") == eval_fp("instructrag-ft", "sft_model=/sft2")
     assert eval_fp("no-retrieval") == eval_fp("no-retrieval", "retrieval.top_k=9")  # no documents
     cfg = load_config(EvaluateConfig, None, EVAL_BASE)
     one = {"popqa": [{"id": "d1", "question": "q", "rationale": "r", "answer": "a"}]}

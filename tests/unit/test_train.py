@@ -115,6 +115,21 @@ def test_example_stage_skips_inconsistent_rows_and_rejects_too_long_targets(tiny
     assert not everything(pa.Table.from_pylist(rows[1:2])).to_pylist()[0]["inconsistent"]
 
 
+def test_answer_target_trains_every_row_on_its_first_gold_answer(tiny_model, tok):
+    """data.target=answer (vanilla SFT): the assistant turn is the first gold answer, whatever the rationale."""
+    stage = examples.ExampleStage(model="tiny", num_docs=2, max_length=40, consistent_only=True, target="answer")
+    rows = [{"id": "a", "dataset": "d", "question": "Q?", "answers": ["Paris", "City of Light"], "ctxs": DOCS,
+             "rationale": "x " * 80, "consistent": False},
+            {"id": "b", "dataset": "d", "question": "Q?", "answers": [" "], "ctxs": DOCS, "rationale": "r",
+             "consistent": True}]
+    out = stage(pa.Table.from_pylist(rows)).to_pylist()
+    assert not out[0]["inconsistent"] and out[0]["reject_stage"] is None
+    _, expected = examples.ft_texts(tok, "Q?", DOCS[:2], "Paris")
+    assert expected.startswith("Paris")
+    assert out[0]["input_ids"][out[0]["prompt_tokens"]:] == tok(expected, add_special_tokens=False)["input_ids"]
+    assert (out[1]["reject_stage"], out[1]["reject_reason"]) == ("train", "no_answer")
+
+
 def test_shifted_labels_score_only_target_tokens_within_the_example():
     # tokens 0..4, prompt of 2: positions 1, 2, 3 predict tokens 2, 3, 4; the last position predicts nothing.
     assert packing.shifted_labels([10, 11, 12, 13, 14], 2) == [-100, 12, 13, 14, -100]
