@@ -8,7 +8,7 @@ DEMO    ?= demo_out
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv demo test test-unit test-integration bench ft-demo clean
+.PHONY: venv demo test test-unit test-integration bench ft-demo paper-mini clean
 
 # torch first, pinned: it is taken from the CPU build on local disk (a bare `torch` pulls a CUDA build).
 $(BIN)/.installed: pyproject.toml
@@ -35,6 +35,10 @@ test-unit: venv
 
 test-integration: venv
 	$(BIN)/python -m pytest -q -ra tests/integration
+
+# InstructRAG with SmolLM2-135M-Instruct on real PopQA (needs ../shared/data/raw; about an hour on 2 cores).
+paper-mini: venv
+	$(BIN)/python benchmarks/paper_mini.py
 
 bench: venv
 	$(BIN)/python benchmarks/synthesis.py
