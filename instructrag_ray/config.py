@@ -66,7 +66,7 @@ class ElasticsearchConnection:
 class RetrievalConfig(ElasticsearchConnection):
     backend: str = choice("tantivy", "tantivy", "elasticsearch",
                           doc="tantivy: the embedded BM25 index at index_path; elasticsearch: the index es_index on the cluster at es_url")
-    index_path: str = opt("", "directory of the tantivy index (jobs/build_index.py builds it); must be readable on every node")
+    index_path: str = opt("", "the tantivy index jobs/build_index.py built: a local directory every node sees, or a URI (s3://, gs://, ...) that each node copies to its local disk once")
     top_k: int = opt(5, "documents retrieved per question and stored in ctxs", minimum=1)
     fields: str = opt("title,text", "fields searched with boosts, e.g. 'title^0.5,text'; per-field BM25 scores are added")
     batch_size: int = opt(64, "questions per retrieval batch", minimum=1)
@@ -150,9 +150,9 @@ class GenerationConfig:
 
 @dataclass
 class SynthesizeConfig:
-    input: str = opt("", "QA rows: .jsonl, .json (array), .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk")
+    input: str = opt("", "QA rows: .jsonl, .json (array), .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk; a local path or a URI (s3://, gs://, ...)")
     dataset: str = opt("", "dataset name for rows that carry none (it picks the prompt's dataset note); default: guessed from the file name (popqa, asqa, trivia, 2wiki, nq), else the file name")
-    output: str = opt("", "output directory: rationales/, rejected/, manifest.json")
+    output: str = opt("", "output directory (a local path or a URI): rationales/, rejected/, manifest.json, README.md (dataset card)")
     limit: int = opt(0, "process at most this many input rows (0 = all)", minimum=0)
     overwrite: bool = opt(False, "delete an existing output written with other settings instead of refusing to resume")
     ray_address: str = opt("", "Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
@@ -191,11 +191,11 @@ class SynthesizeConfig:
 
 @dataclass
 class BuildIndexConfig(ElasticsearchConnection):
-    corpus: str = opt("", "passages: .jsonl/.parquet with id, title, text; DPR psgs_w100.tsv; FlashRAG {id, contents}; or a directory")
+    corpus: str = opt("", "passages: .jsonl/.parquet with id, title, text; DPR psgs_w100.tsv; FlashRAG {id, contents}; or a directory; a local path or a URI")
     backend: str = choice("tantivy", "tantivy", "elasticsearch",
                           doc="tantivy: an embedded index directory at `index`; elasticsearch: the index es_index on the cluster at es_url, loaded by a Ray Data job with parallel bulk writers")
-    index: str = opt("", "tantivy: the index directory to create")
-    output: str = opt("", "the build report: rejected/ (passages not indexed: JSON lines with id, code, reason) and manifest.json; default: <index>.build beside a tantivy index; required for elasticsearch")
+    index: str = opt("", "tantivy: the index directory to create (a local path, or a URI: built locally, then uploaded)")
+    output: str = opt("", "the build report: rejected/*.parquet (passages not indexed, schemas/rejected.json) and manifest.json; default: <index>.build beside a tantivy index; required for elasticsearch")
     overwrite: bool = opt(False, "replace an existing index (elasticsearch without it: a rerun loads into the existing index, each passage overwriting its own id)")
     heap_mb: int = opt(256, "tantivy writer memory in MB", minimum=16)
     ray_address: str = opt("", "elasticsearch: Ray cluster address; empty = RAY_ADDRESS or a new local Ray")
@@ -257,9 +257,9 @@ class MetricsConfig:
 
 @dataclass
 class EvaluateConfig:
-    input: str = opt("", "test QA rows: .jsonl, .json, .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk; every row needs gold answers")
+    input: str = opt("", "test QA rows: .jsonl, .json, .parquet, a directory of them, or a Hugging Face dataset saved with save_to_disk (a local path or a URI); every row needs gold answers")
     dataset: str = opt("", "dataset name for rows that carry none; default: guessed from the file name, else the file name")
-    output: str = opt("", "output directory: predictions/, rejected/, metrics.json, report.md, report.png, manifest.json")
+    output: str = opt("", "output directory (a local path or a URI): predictions/, rejected/, metrics.json, report.md, report.png, manifest.json")
     methods: str = opt(",".join(DEFAULT_METHODS), f"comma-separated methods to run (any of: {', '.join(EVAL_METHODS)})")
     ft_model: str = opt("", "the fine-tuned model directory (jobs/train.py's <output>/model) that instructrag-ft uses; every other method but vanilla-sft uses generation.model")
     sft_model: str = opt("", "the vanilla SFT baseline that vanilla-sft uses: jobs/train.py's <output>/model from a run with data.target=answer (trained on the gold answers instead of rationales)")
@@ -369,7 +369,7 @@ class TrainScalingConfig:
 @dataclass
 class TrainConfig:
     input: str = opt("", "rationales: a jobs/synthesize.py output directory (its rationales/), a directory of rationale Parquet files, or one file")
-    output: str = opt("", "output directory: checkpoints/, model/, metrics.jsonl, rejected/, manifest.json; must be on storage every worker sees")
+    output: str = opt("", "output directory: checkpoints/, model/, metrics.jsonl, rejected/, manifest.json; a URI (s3://, gs://, ...) or a local path every worker sees")
     model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny local model")
     seed: int = opt(0, "seed of the model's random state and of the data shuffle")
     max_steps: int = opt(0, "stop after this optimizer step (0 = the whole schedule); the schedule still spans every epoch, so a rerun without it continues", minimum=0)

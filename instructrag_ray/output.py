@@ -4,7 +4,8 @@ commit protocol, resume scans, compaction, the settings a resume must match, and
 Layout of an output (a directory or a URI prefix):
     rationales/part-*.parquet   schemas/rationales.json (predictions/ for evaluation)
     rejected/part-*.parquet     schemas/rejected.json; always there, an empty file when nothing was rejected
-    README.md                   a dataset card, so `datasets.load_dataset(<output>)` loads rationales/
+    README.md                   a dataset card, so `datasets.load_dataset(<output>)` loads rationales/ (a local
+                                directory; on object storage pass data_files=<output>/rationales/*.parquet)
     settings.json               written first: the fingerprint and the settings that shape the rows
     manifest.json               written last: the job finished
     _staging/<run>/...          a run's written-but-not-committed files (removed when done)

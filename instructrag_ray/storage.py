@@ -39,7 +39,8 @@ _HINTS = {
     "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or an instance role) and, for "
           "S3-compatible stores (MinIO, R2, Ceph), AWS_ENDPOINT_URL=http(s)://HOST:PORT",
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
-    "abfs": "set AZURE_STORAGE_ACCOUNT_KEY (or AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET); write "
+    "abfs": "give the nodes an Azure identity (workload or managed identity, or AZURE_CLIENT_ID, AZURE_TENANT_ID, "
+            "AZURE_CLIENT_SECRET); write "
             "abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH",
     "hdfs": "needs Java and libhdfs: set JAVA_HOME, HADOOP_HOME and CLASSPATH=$(hadoop classpath --glob)",
 }

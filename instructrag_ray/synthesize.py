@@ -146,10 +146,9 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     started = time.time()
     out, index_fp = check_synthesis(cfg)
     fingerprint = cfg.fingerprint(index_fp)
-    existing = output.scan_output(out, repair=not dry_run)
-    output.refuse_other_settings(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
-    if cfg.overwrite:
-        existing = output.ExistingOutput()  # what a run resumes from: nothing
+    scanned = output.scan_output(out, repair=not dry_run)
+    output.refuse_other_settings(out, scanned, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
+    existing = output.ExistingOutput() if cfg.overwrite else scanned  # what a run resumes from
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     # A dry run, or a rerun of a small input, plans from the input parsed here: a rerun with nothing left
     # to do then ends in seconds, without Ray. A large input is only ever read on the cluster.
@@ -172,7 +171,8 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     if plan is None:
         plan = plan_rows(parsed, existing, cfg.limit)
         check_plan(cfg, plan)
-    existing = output.prepare_output(out, existing, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
+    # with overwrite=true this deletes the old output (every check above has passed)
+    existing = output.prepare_output(out, scanned, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
     return finish_synthesis(cfg, out, fingerprint, plan, existing, started, parsed)
 
 

@@ -270,7 +270,7 @@ def make_trainer(cfg: TrainConfig, plan, train_ds, out: Location):
 def training_manifest(cfg: TrainConfig, fingerprint: str, path: str, summary: dict, num_docs: int, plan, result,
                       out: Location, *, wall: float, fit_s: float) -> dict:
     history = read_metrics(out / METRICS)
-    steps = [r for r in history if "loss" in r]
+    steps = [r for r in history if "loss" in r and not r.get("superseded")]
     final = next((r for r in reversed(history) if r.get("event") == "export"), {})
     return {
         **manifest_header("train", cfg),

@@ -208,7 +208,8 @@ def build_engine(config: dict, plan: StepPlan):
 
 def resume(engine, checkpoint, plan: StepPlan, metrics: MetricsLog | None) -> Position:
     """Load the latest checkpoint into the engine (when there is one); returns where training stands.
-    Rank 0 (the one with `metrics`) drops the records of the steps that will be trained again."""
+    Rank 0 (the one with `metrics`) marks the records of the steps that will be trained again as
+    superseded and logs the resume."""
     pos = Position()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -216,7 +217,7 @@ def resume(engine, checkpoint, plan: StepPlan, metrics: MetricsLog | None) -> Po
         pos = Position(**client["position"])
     if metrics is None:
         return pos
-    metrics.truncate(pos.step)
+    metrics.supersede(pos.step)
     if checkpoint:
         log(f"resumed from {checkpoint.path} at step {pos.step} (epoch {pos.epoch + 1}, "
             f"{pos.step_in_epoch}/{plan.steps_per_epoch} steps into it)")
@@ -342,8 +343,8 @@ def _format(r: dict, plan: StepPlan) -> str:
 class MetricsLog:
     """metrics.jsonl (local or at a URI), kept by rank 0. The whole file is rewritten atomically: on a local
     disk at every record, on an object store at most every FLUSH_S seconds and at each checkpoint, resume
-    and the end. A resumed run first drops the records past the step it resumed from, which are trained
-    again, so each step is logged once."""
+    and the end. A resumed run marks the records past the step it resumed from (trained again) with
+    "superseded": true, so each step has one record without it; the old ones show what was repeated."""
 
     FLUSH_S = 10.0
 
@@ -353,11 +354,12 @@ class MetricsLog:
             if self.loc.is_file() else []
         self.flushed = 0.0
 
-    def truncate(self, step: int) -> None:
-        """Drop the records of steps after `step` (and what was logged after them)."""
+    def supersede(self, step: int) -> None:
+        """Mark the records of steps after `step` (and what was logged after them) as superseded."""
         cut = next((i for i, r in enumerate(self.records) if r.get("step", 0) > step), len(self.records))
         if cut < len(self.records):
-            self.records = self.records[:cut]
+            for r in self.records[cut:]:
+                r["superseded"] = True
             self.flush()
 
     def append(self, record: dict, flush: bool = False) -> None:

@@ -126,7 +126,7 @@ def test_storage_problems_are_one_line_at_start(s3, tiny_model, world, job_main,
     with pytest.raises(StorageError, match=r"output=s3://no-such-bucket/out: the bucket 'no-such-bucket' does not exist"):
         check_location(location("s3://no-such-bucket/out"), "output", write=True)
     with pytest.raises(StorageError, match=r"input s3://bkt/nothing-here.jsonl does not exist; pass --input"):
-        check_location(location("s3://bkt/nothing-here.jsonl"), "input")
+        check_location(location("s3://bkt/nothing-here.jsonl"), "input", hint="pass --input with a QA file")
     with pytest.raises(StorageError, match=r"no installed filesystem serves foo://"):
         location("foo://bucket/x", "output")
 

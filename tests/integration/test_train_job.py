@@ -145,6 +145,9 @@ def test_zero3_worker_failure_resumes_from_the_latest_checkpoint(zero3):
     assert (resumed, resumes[0]["epoch"], resumes[0]["step_in_epoch"]) in {(4, 1, 1), (2, 0, 2)}
     steps = [r for r in history if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] + list(range(resumed + 1, 7))
+    # the records the restart repeated are marked, so each step has one current record
+    assert [r["step"] for r in steps if r.get("superseded")] == list(range(resumed + 1, 6))
+    assert [r["step"] for r in steps if not r.get("superseded")] == [1, 2, 3, 4, 5, 6]
     # Every step trained twice saw the same data with the same learning rate, weights and optimizer state.
     for again in steps[5:-1]:
         before = steps[again["step"] - 1]

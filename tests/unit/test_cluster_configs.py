@@ -135,7 +135,9 @@ def test_raycluster_autoscales_gpu_and_cpu_worker_groups_from_zero():
     assert kinds == {"gpu_worker", "cpu_worker"}
 
 
-def test_every_ray_container_gets_elasticsearch_settings_from_a_secret_and_the_shared_volume():
+def test_every_ray_container_gets_elasticsearch_settings_from_a_secret_and_a_node_local_cache():
+    """Object storage is the default (no shared volume): each pod keeps its per-node copies of the index and
+    models on an emptyDir at INSTRUCTRAG_CACHE; the shared volume stays an option (storage.yaml)."""
     spec = load("kuberay/raycluster.yaml")["spec"]
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
@@ -145,8 +147,9 @@ def test_every_ray_container_gets_elasticsearch_settings_from_a_secret_and_the_s
                 ref = env[name]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "instructrag-elasticsearch" and ref["key"], (c["name"], name)
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
-            assert claim == load("kuberay/storage.yaml")["metadata"]["name"]
+            cache = env["INSTRUCTRAG_CACHE"]["value"]
+            assert "emptyDir" in volumes[mounts[cache]], (c["name"], cache)
+            assert "/data" not in mounts, "the shared volume is the optional route, not the default"
     assert "ReadWriteMany" in load("kuberay/storage.yaml")["spec"]["accessModes"]
 
 
