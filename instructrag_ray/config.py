@@ -107,6 +107,7 @@ class GenerationConfig:
     max_model_len: int = opt(0, "context budget in tokens (prompt + max_new_tokens); 0 = the model's own limit", minimum=0)
     temperature: float = opt(0.0, "0 = greedy decoding (the paper); > 0 samples", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling when temperature > 0", minimum=0)
+    repetition_penalty: float = opt(1.0, "divides the logits of tokens already in the prompt or output (> 1 discourages repeats; 1.0 = off). Small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml)", minimum=0)
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", doc="auto: bfloat16 on GPU, float32 on CPU")
     batch_size: int = opt(32, "rows per batch sent to a generation actor", minimum=1)
     micro_batch_size: int = opt(8, "sequences per generate() call inside a batch", minimum=1)
@@ -143,6 +144,8 @@ class GenerationConfig:
         if self.engine == "vllm" and self.num_gpus:
             raise ConfigError("generation.num_gpus applies to the transformers engine; a vllm replica takes "
                               "tensor_parallel_size x pipeline_parallel_size GPUs")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"config key 'generation.repetition_penalty' is {self.repetition_penalty!r}; it must be > 0 (1.0 = off)")
         if self.top_p <= 0 or self.top_p > 1:
             raise ConfigError(f"config key 'generation.top_p' is {self.top_p!r}; it must be in (0, 1]")
         if self.gpu_memory_utilization > 1:
@@ -454,6 +457,8 @@ def generation_shaping(g: GenerationConfig, model: str) -> dict:
     shaping = {"engine": g.engine, "model": model, "max_new_tokens": g.max_new_tokens,
                "max_model_len": g.max_model_len, "dtype": g.dtype, "temperature": g.temperature,
                "top_p": g.top_p if g.temperature > 0 else None, "seed": g.seed if g.temperature > 0 else None}
+    if g.repetition_penalty != 1.0:  # only when on, so outputs written before the key existed keep their fingerprint
+        shaping["repetition_penalty"] = g.repetition_penalty
     if g.engine == "openai":
         shaping.update(base_url=g.base_url, served_model=g.served_model or model,
                        send_stop_token_ids=g.send_stop_token_ids)
