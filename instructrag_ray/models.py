@@ -87,8 +87,8 @@ def prepare(names: list[str]) -> list[str]:
     """Fetch and convert the named pretrained models into this machine's cache; returns their paths."""
     unknown = [n for n in names if n not in PRETRAINED]
     if unknown or not names:
-        raise ModelError(f"unknown model {unknown[0]!r}; " if unknown else "no model named; "
-                         f"`python -m instructrag_ray.models NAME` prepares one of: {', '.join(PRETRAINED)}")
+        what = f"unknown model {unknown[0]!r}" if unknown else "no model named"
+        raise ModelError(f"{what}; `python -m instructrag_ray.models NAME` prepares one of: {', '.join(PRETRAINED)}")
     return [str(ensure_pretrained(n)) for n in names]
 
 
