@@ -107,7 +107,7 @@ class GenerationConfig:
     max_model_len: int = opt(0, "context budget in tokens (prompt + max_new_tokens); 0 = the model's own limit", minimum=0)
     temperature: float = opt(0.0, "0 = greedy decoding (the paper); > 0 samples", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling when temperature > 0", minimum=0)
-    repetition_penalty: float = opt(1.0, "divides the logits of tokens already in the prompt or output (> 1 discourages repeats; 1.0 = off). Small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml)", minimum=0)
+    repetition_penalty: float = opt(1.0, "> 1 discourages tokens already generated (1.0 = off); small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml). transformers: over the generated tokens only; vllm and openai (sent as the request's repetition_penalty, only when != 1.0): as the server applies it (vLLM: prompt and output tokens)", minimum=0)
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", doc="auto: bfloat16 on GPU, float32 on CPU")
     batch_size: int = opt(32, "rows per batch sent to a generation actor", minimum=1)
     micro_batch_size: int = opt(8, "sequences per generate() call inside a batch", minimum=1)

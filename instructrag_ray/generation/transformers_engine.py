@@ -79,7 +79,7 @@ class TransformersEngine:
             out = self.lm.generate(**enc, **decoding_kwargs(
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                 repetition_penalty=self.repetition_penalty, stop_ids=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id))
+                pad_token_id=self.tokenizer.pad_token_id, prompt_length=enc["input_ids"].shape[1]))
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         return [self._completion(ids) for ids in new]
 
@@ -92,13 +92,19 @@ class TransformersEngine:
 
 
 def decoding_kwargs(*, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
-                    stop_ids: list[int], pad_token_id: int | None) -> dict:
-    """generate()'s decoding arguments: greedy unless temperature > 0, stop at the end-of-turn ids, the
-    repetition penalty only when it is on (!= 1.0)."""
+                    stop_ids: list[int], pad_token_id: int | None, prompt_length: int) -> dict:
+    """generate()'s decoding arguments: greedy unless temperature > 0, stop at the end-of-turn ids, and,
+    only when it is on (!= 1.0), the repetition penalty over the generated tokens. Not over the prompt's
+    (`prompt_length`: the padded input length), as transformers' own `repetition_penalty=` would: that
+    keeps the model from quoting the documents and the gold answers (smollm2-135m on the demo's
+    questions: 0 of 6 consistent with the prompt penalized, against 3 of 6 with no penalty)."""
     kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_token_id,
               "top_k": None, "do_sample": False}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     if repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = repetition_penalty
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_length)])
     return kwargs

@@ -36,11 +36,18 @@ def test_it_reaches_the_engines():
                            repetition_penalty=1.2)["repetition_penalty"] == 1.2
 
 
-def test_transformers_generate_gets_it_only_when_on():
-    common = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, stop_ids=[2], pad_token_id=2)
-    on = decoding_kwargs(repetition_penalty=1.2, **common)
-    assert on["repetition_penalty"] == 1.2 and on["do_sample"] is False and on["eos_token_id"] == [2]
-    assert "repetition_penalty" not in decoding_kwargs(repetition_penalty=1.0, **common)
+def test_transformers_generate_gets_it_over_the_generated_tokens_only_when_on():
+    import torch
+
+    common = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, stop_ids=[2], pad_token_id=2, prompt_length=3)
+    on = decoding_kwargs(repetition_penalty=2.0, **common)
+    assert on["do_sample"] is False and on["eos_token_id"] == [2] and "repetition_penalty" not in on
+    (penalty,) = on["logits_processor"]
+    # prompt [5, 6, 7], generated so far [6]: only token 6 (generated) is penalized, not 5 or 7 (prompt only)
+    scores = penalty(torch.tensor([[5, 6, 7, 6]]), torch.ones(1, 10))
+    assert scores[0, 6] == 0.5 and scores[0, 5] == scores[0, 7] == 1.0
+    off = decoding_kwargs(repetition_penalty=1.0, **common)
+    assert "logits_processor" not in off and "repetition_penalty" not in off
 
 
 def test_the_fingerprint_changes_with_it_but_not_when_off():
