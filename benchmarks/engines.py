@@ -62,7 +62,7 @@ def main() -> None:
             cfg = load_config(SynthesizeConfig, str(ROOT / "configs" / "demo.yaml"), [
                 f"input={world['qa']}", f"output={tmp}/out-{len(job)}", f"retrieval.index_path={tmp}/index",
                 f"limit={args.rows}", f"generation.max_new_tokens={args.new_tokens}", "progress_interval_s=60",
-                *overrides])
+                "generation.model=tiny", "generation.repetition_penalty=1.0", *overrides])
             job[name] = run_synthesis(cfg)["this_run"]
 
         def time_engine(name, e, rows):

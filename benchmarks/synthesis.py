@@ -34,7 +34,7 @@ def main() -> None:
             cfg = load_config(SynthesizeConfig, str(Path(__file__).parent.parent / "configs" / "demo.yaml"), [
                 f"input={world['qa']}", f"output={tmp}/out-{engine}", f"retrieval.index_path={tmp}/index",
                 f"limit={args.rows}", f"generation.engine={engine}", f"generation.max_new_tokens={args.new_tokens}",
-                "progress_interval_s=30"])
+                "progress_interval_s=30", "generation.model=tiny", "generation.repetition_penalty=1.0"])
             results[engine] = run_synthesis(cfg)["this_run"]
     print(f"\nsynthesis job, {args.rows} synthetic questions, local Ray on {os.cpu_count()} CPUs")
     print(f"{'engine':22}{'rows/s':>10}{'wall s':>10}{'completion tok/s':>18}")

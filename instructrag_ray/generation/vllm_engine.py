@@ -38,7 +38,7 @@ CPU_STAGE_CPUS = 0.25
 
 
 def vllm_generate(ds, *, model: str, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                  max_model_len: int, dtype: str, batch_size: int, min_actors: int, max_actors: int,
+                  repetition_penalty: float, max_model_len: int, dtype: str, batch_size: int, min_actors: int, max_actors: int,
                   tensor_parallel_size: int, pipeline_parallel_size: int, gpu_memory_utilization: float,
                   max_num_seqs: int):
     """Stage `generate` (vLLM): reads prompt (and the reject columns); adds rationale, completion_tokens,
@@ -46,7 +46,7 @@ def vllm_generate(ds, *, model: str, max_new_tokens: int, temperature: float, to
     _require_vllm()
     _, stop_ids = load_tokenizer_and_stops(model)  # on the driver: a model that does not load fails here
     params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                             stop_ids=stop_ids)
+                             stop_ids=stop_ids, repetition_penalty=repetition_penalty)
     processor = _vllm_processor(
         model_source=resolve_model(model),
         engine_kwargs=engine_kwargs(max_model_len=max_model_len, dtype=dtype, seed=seed,
@@ -61,12 +61,13 @@ def vllm_generate(ds, *, model: str, max_new_tokens: int, temperature: float, to
                           fn_kwargs={"label": f"vllm:{model}", "stop_ids": stop_ids, "max_new_tokens": max_new_tokens})
 
 
-def sampling_params(*, max_new_tokens: int, temperature: float, top_p: float, seed: int, stop_ids: list[int]) -> dict:
+def sampling_params(*, max_new_tokens: int, temperature: float, top_p: float, seed: int, stop_ids: list[int],
+                    repetition_penalty: float = 1.0) -> dict:
     """vLLM SamplingParams as a dict: greedy unless temperature > 0; stops at the model's end-of-turn and
     end-of-text ids like the other engines; detokenizing is left to the processor's CPU stage."""
     return {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0,
             "seed": seed if temperature > 0 else None, "stop_token_ids": list(stop_ids), "detokenize": False,
-            "skip_special_tokens": True}
+            "skip_special_tokens": True, "repetition_penalty": repetition_penalty}
 
 
 def engine_kwargs(*, max_model_len: int, dtype: str, seed: int, tensor_parallel_size: int,

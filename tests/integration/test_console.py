@@ -1,10 +1,10 @@
-"""The 200-row demo as a user runs it (`jobs/synthesize.py --config configs/demo.yaml`, its own local Ray,
+"""The demo as a user runs it (`jobs/synthesize.py --config configs/demo.yaml`, its own local Ray,
 stdout and stderr pipes, not a TTY): at most 25 console lines, none of Ray Data's status blocks or the
 known-harmless messages; then a rerun with nothing left to do and a dry run, both with an unreachable
 RAY_ADDRESS, which they can only pass by never starting or connecting to Ray.
 
-The template baseline stands in for the tiny model's generation (the same stages and actors, minutes
-faster on 2 cores); the console line count of `make demo` itself is measured by hand (README)."""
+The template baseline stands in for smollm2-135m's generation (the same stages and actors, minutes
+faster on 2 cores; the model's tokenizer still renders the prompts); the console line count of `make demo` itself is measured by hand (README)."""
 
 import os
 import subprocess
@@ -42,13 +42,13 @@ def test_demo_console_is_short_and_a_rerun_or_dry_run_never_starts_ray(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(lines) <= 25, "\n".join(lines)
     assert not [line for line in lines if any(noise in line for noise in NOISE)], "\n".join(lines)
-    assert "[synthesize] 200 input rows: 0 already in" in first.stdout and "[synthesize] done" in first.stdout
+    assert "[synthesize] 12 input rows: 0 already in" in first.stdout and "[synthesize] done" in first.stdout
 
     again, lines = run(argv, RAY_ADDRESS="127.0.0.1:1")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "200 already in" in again.stdout and "0 to process" in again.stdout
+    assert "12 already in" in again.stdout and "0 to process" in again.stdout
 
     dry, lines = run(argv[:5] + [str(tmp_path / "other")] + argv[6:] + ["--dry-run"], RAY_ADDRESS="127.0.0.1:1")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "dry run: every check passed" in dry.stdout and "200 to process" in dry.stdout
+    assert "dry run: every check passed" in dry.stdout and "12 to process" in dry.stdout
     assert "the Ray cluster at 127.0.0.1:1" in dry.stdout and not (tmp_path / "other").exists()

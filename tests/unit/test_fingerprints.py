@@ -23,6 +23,7 @@ SHAPING = {
     "generation.dtype": ("bfloat16", []),
     "generation.temperature": ("0.7", []),
     "generation.top_p": ("0.9", ["generation.temperature=0.7"]),
+    "generation.repetition_penalty": ("1.2", []),
     "generation.seed": ("5", ["generation.temperature=0.7"]),
     "generation.base_url": ("http://127.0.0.1:9/v1", ["generation.engine=openai"]),
     "generation.served_model": ("served", ["generation.engine=openai"]),

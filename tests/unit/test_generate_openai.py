@@ -107,6 +107,8 @@ def test_payload_is_our_rendered_prompt_without_the_bos_the_server_adds(stub):
     body = sampled.payload("x")
     assert body["top_p"] == 0.9 and body["seed"] == 3 and body["stop_token_ids"] == sampled.stop_ids == [4, 1]
     assert body["model"] == "tiny" and sampled.label == "openai:tiny"
+    assert "repetition_penalty" not in body  # off (1.0): never sent, servers that reject extra fields still work
+    assert engine(s.url, repetition_penalty=1.2).payload("x")["repetition_penalty"] == 1.2
 
 
 def test_completions_are_parsed_in_order(stub):

@@ -36,7 +36,7 @@ def test_requests_carry_our_token_ids_and_the_row_itself(tiny_model):
     b = batch(tokenizer)
     params = sampling_params(max_new_tokens=8, temperature=0.0, top_p=0.5, seed=3, stop_ids=stops)
     assert params == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop_token_ids": [4, 1],
-                      "detokenize": False, "skip_special_tokens": True}
+                      "detokenize": False, "skip_special_tokens": True, "repetition_penalty": 1.0}
     out = vllm_requests(b, model="tiny", params=params, placeholder=stops[:1])
     assert out.column_names == ["row", "tokenized_prompt", "sampling_params"]
     ids = out.column("tokenized_prompt").to_pylist()
