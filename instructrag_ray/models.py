@@ -44,6 +44,27 @@ def resolve_model(name: str, *, prepare: bool = False) -> str:
     return name
 
 
+def gguf_path(name: str, *, prepare: bool = False) -> str:
+    """The GGUF file generation.engine=llamacpp loads for `name`: a named pretrained model's GGUF file,
+    kept beside its converted directory in the cache (fetched first only with prepare=True: the driver),
+    else `name` itself (a path to a .gguf file)."""
+    if name in PRETRAINED:
+        return str(ensure_pretrained(name, fetch=prepare) / PRETRAINED[name].gguf_name)
+    return name
+
+
+def check_gguf(key: str, model: str) -> str:
+    """Fail in one line, naming the config key, when `model` has no readable GGUF file; returns its path."""
+    path = gguf_path(model, prepare=True)
+    if not Path(path).is_file():
+        raise ModelError(f"{key}={model!r}: no GGUF file at {path}; pass the path of a .gguf model file or one of "
+                         f"{', '.join(n for n in PRETRAINED)}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{key}={model!r}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    return path
+
+
 def load_chat_tokenizer(key: str, model: str, *, config: bool = False):
     """Resolve `model` and load its tokenizer (and its config, with config=True), failing in one line
     that names the config key when either does not load or the tokenizer has no chat template.

@@ -21,7 +21,7 @@ from .cli import init_ray
 from .config import SynthesizeConfig
 from .console import Progress
 from .errors import InputError
-from .generation.stage import generate
+from .generation.stage import check_engine, generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
 from .retrieval.stage import check_retrieval, index_fingerprint, retrieve
@@ -233,7 +233,9 @@ def check_synthesis(cfg: SynthesizeConfig):
     check_location(out, "output", write=True)
     # the prompt stage needs the tokenizer and chat template, even for the template baseline; this also
     # builds the tiny model once on the driver's node
-    load_chat_tokenizer("generation.model", cfg.generation.model)
+    g = cfg.generation
+    load_chat_tokenizer("generation.tokenizer" if g.tokenizer else "generation.model", g.prompt_model(g.model))
+    check_engine(g, "generation.model", g.model)
     return out, index_fingerprint(cfg.retrieval)
 
 
@@ -275,7 +277,7 @@ def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.
     ds = ds.map_batches(
         PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
-        fn_constructor_kwargs={"model": g.model, "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
+        fn_constructor_kwargs={"model": g.prompt_model(g.model), "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                "max_new_tokens": g.max_new_tokens})
     ds = generate(ds, g, g.model, cfg.prompt.num_docs)
     ds = ds.map_batches(check_batch, batch_format="pyarrow", batch_size=None,

@@ -18,9 +18,11 @@ from .base import TEMPLATE_BASELINE, Completion, Engine, Failure, read_api_key
 
 def make_engine(engine: str, *, model: str, num_docs: int, max_new_tokens: int, temperature: float, top_p: float,
                 dtype: str = "auto", micro_batch_size: int = 8, sort_by_length: bool = True, use_gpu: bool = False,
-                seed: int = 0, repetition_penalty: float = 1.0, openai: dict | None = None) -> Engine:
+                seed: int = 0, repetition_penalty: float = 1.0, openai: dict | None = None,
+                llamacpp: dict | None = None) -> Engine:
     """The engine named by `generation.engine` (vllm is not an engine object: see `generate`). `openai`
-    holds the openai engine's connection settings (OpenAIEngine's fields: base_url, served_model, ...)."""
+    holds the openai engine's connection settings (OpenAIEngine's fields: base_url, served_model, ...);
+    `llamacpp` the llamacpp engine's own (LlamaCppEngine's fields: tokenizer, max_model_len, parallel, threads)."""
     if engine == TEMPLATE_BASELINE:
         from .template import TemplateBaselineEngine
 
@@ -36,7 +38,12 @@ def make_engine(engine: str, *, model: str, num_docs: int, max_new_tokens: int, 
 
         return OpenAIEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, repetition_penalty=repetition_penalty, **(openai or {}))
-    raise ValueError(f"unknown generation engine {engine!r}; use transformers, {TEMPLATE_BASELINE} or openai")
+    if engine == "llamacpp":
+        from .llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, repetition_penalty=repetition_penalty, **(llamacpp or {}))
+    raise ValueError(f"unknown generation engine {engine!r}; use transformers, {TEMPLATE_BASELINE}, openai or llamacpp")
 
 
 def engine_options(g: GenerationConfig, model: str, num_docs: int) -> dict:
@@ -57,7 +64,26 @@ def engine_options(g: GenerationConfig, model: str, num_docs: int) -> dict:
             "retry_backoff_s": g.retry_backoff_s, "concurrency": g.concurrency,
             "max_consecutive_failures": g.max_consecutive_failures, "send_stop_token_ids": g.send_stop_token_ids,
         }
+    if g.engine == "llamacpp":
+        options["llamacpp"] = {"tokenizer": g.prompt_model(model), "max_model_len": g.max_model_len,
+                               "parallel": g.micro_batch_size, "threads": llamacpp_threads(g.num_cpus)}
     return options
+
+
+def llamacpp_threads(num_cpus: float) -> int:
+    """llama.cpp's CPU threads for an actor of `num_cpus` CPUs: the whole CPUs, at least one."""
+    return max(1, int(num_cpus))
+
+
+def check_engine(g: GenerationConfig, key: str, model: str) -> None:
+    """The engine's own checks on the driver, before any Ray work: for llamacpp, xllamacpp is installed
+    and `model` has a GGUF file (a named model's is fetched here)."""
+    if g.engine == "llamacpp":
+        from ..models import check_gguf
+        from .llamacpp_engine import import_xllamacpp
+
+        import_xllamacpp()
+        check_gguf(key, model)
 
 
 def vllm_options(g: GenerationConfig, model: str) -> dict:

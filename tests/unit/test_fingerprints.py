@@ -28,8 +28,12 @@ SHAPING = {
     "generation.base_url": ("http://127.0.0.1:9/v1", ["generation.engine=openai"]),
     "generation.served_model": ("served", ["generation.engine=openai"]),
     "generation.send_stop_token_ids": ("true", ["generation.engine=openai"]),
+    "generation.tokenizer": ("/models/hf", ["generation.engine=llamacpp", "generation.model=/models/m.gguf",
+                                            "generation.tokenizer=/models/other"]),
     "dataset": ("popqa", []),
 }
+# evaluation's extra overrides for a key (llamacpp cannot run instructrag-ft, one of the default methods)
+EVAL_EXTRA = {"generation.tokenizer": ["methods=no-retrieval"]}
 # Keys that never change what is written: where it goes, how much of it, how fast, with what resources.
 NOT_SHAPING = {
     "input", "output", "limit", "overwrite", "ray_address", "progress_interval_s", "verbose", "rows_per_file",
@@ -75,6 +79,7 @@ def test_a_shaping_key_changes_both_jobs_fingerprints(key):
     value, extra = SHAPING[key]
     assert synthesis_fp(*extra) != synthesis_fp(*extra, f"{key}={value}"), key
     method = "no-retrieval" if key.startswith("generation.") or key == "dataset" else "vanilla-rag"
+    extra = extra + EVAL_EXTRA.get(key, [])
     assert eval_fp(method, *extra) != eval_fp(method, *extra, f"{key}={value}"), key
 
 
