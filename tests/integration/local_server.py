@@ -79,6 +79,11 @@ class LocalServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=15)
 
+    def freeze(self) -> None:
+        """Stop answering without closing a connection (SIGSTOP): requests in flight wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         """Die abruptly, as a crashed server does."""
         if self.proc is not None and self.proc.poll() is None:

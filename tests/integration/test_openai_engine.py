@@ -163,11 +163,17 @@ def test_a_server_that_dies_mid_run_stops_the_job_and_a_rerun_finishes(ray_local
                        "generation.batch_size=4", "retrieval.batch_size=4", "generation.concurrency=2")
     cfg = load_config(SynthesizeConfig, None, args)
 
-    def kill_mid_run():  # once some rows are written (or most are done), before the last rows
+    def kill_mid_run():
+        # Kill once a batch is on disk. If the server gets close to the end first, freeze it: with 10 of 12
+        # rows served in batches of 4, some batch is complete and gets written while the others wait.
         written = tmp_path / "out" / "rationales"
+        frozen_at = None
         while server.proc.poll() is None:
-            if any(written.glob("*.parquet")) or server.completions_served() >= ROWS - 2:
+            if any(written.glob("*.parquet")) or (frozen_at and time.monotonic() - frozen_at > 120):
                 server.kill()
+            elif frozen_at is None and server.completions_served() >= ROWS - 2:
+                server.freeze()
+                frozen_at = time.monotonic()
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_mid_run, daemon=True)
