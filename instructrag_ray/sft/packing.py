@@ -124,17 +124,40 @@ def use_packed_sdpa() -> str:
 
 
 def token_losses(model, mb: MicroBatch) -> "torch.Tensor":
-    """Per-position next-token loss (0 where there is no label), shape (rows, length)."""
+    """Per-position next-token loss (0 where there is no label), shape (rows, length).
+
+    The LM head and the softmax run only at the positions that have a label in some row
+    (`logits_to_keep`): prompts and documents are most of the tokens and have none, and over a vocabulary
+    of ~50k the logits are a large share of a small model's step. Models whose forward has no
+    `logits_to_keep` get all logits, with the same result.
+    """
+    import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
+    labels = mb.labels.to(device)
+    keep = torch.nonzero((labels != IGNORE_INDEX).any(dim=0)).flatten()
+    kwargs = {"logits_to_keep": keep} if _keeps_logits(model) and len(keep) else {}
     out = model(input_ids=mb.input_ids.to(device),
                 attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
-                position_ids=None if mb.position_ids is None else mb.position_ids.to(device), use_cache=False)
+                position_ids=None if mb.position_ids is None else mb.position_ids.to(device), use_cache=False,
+                **kwargs)
     logits = out.logits.float()
-    labels = mb.labels.to(device)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX,
-                           reduction="none").view(labels.shape)
+    kept = labels[:, keep] if kwargs else labels
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none").view(kept.shape)
+    if not kwargs:
+        return losses
+    full = torch.zeros(labels.shape, dtype=losses.dtype, device=device)
+    full[:, keep] = losses
+    return full
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def example_losses(losses: "torch.Tensor", mb: MicroBatch, n_examples: int) -> list[float]:
