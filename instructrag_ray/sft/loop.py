@@ -341,10 +341,11 @@ def _format(r: dict, plan: StepPlan) -> str:
 
 
 class MetricsLog:
-    """metrics.jsonl (local or at a URI), kept by rank 0. The whole file is rewritten atomically: on a local
-    disk at every record, on an object store at most every FLUSH_S seconds and at each checkpoint, resume
-    and the end. A resumed run marks the records past the step it resumed from (trained again) with
-    "superseded": true, so each step has one record without it; the old ones show what was repeated."""
+    """metrics.jsonl (local or at a URI), kept by rank 0. On a local disk each record is appended as it
+    comes; on an object store (no appends) the whole file is rewritten at most every FLUSH_S seconds and
+    at each checkpoint, resume and the end. A resumed run marks the records past the step it resumed from
+    (trained again) with "superseded": true, rewriting the file once, so each step has one record without
+    it; the old ones show what was repeated."""
 
     FLUSH_S = 10.0
 
@@ -352,6 +353,7 @@ class MetricsLog:
         self.loc = location(uri, "output")
         self.records = [json.loads(line) for line in self.loc.read_text().splitlines() if line.strip()] \
             if self.loc.is_file() else []
+        self.written = len(self.records)  # records the file already holds
         self.flushed = 0.0
 
     def supersede(self, step: int) -> None:
@@ -360,16 +362,25 @@ class MetricsLog:
         if cut < len(self.records):
             for r in self.records[cut:]:
                 r["superseded"] = True
-            self.flush()
+            self.rewrite()
 
     def append(self, record: dict, flush: bool = False) -> None:
         self.records.append(record)
-        if flush or self.loc.local or time.time() - self.flushed >= self.FLUSH_S:
-            self.flush()
+        if self.loc.local:
+            Path(self.loc.path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.loc.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.records[self.written:]))
+            self.written = len(self.records)
+        elif flush or time.time() - self.flushed >= self.FLUSH_S:
+            self.rewrite()
 
     def flush(self) -> None:
+        if len(self.records) > self.written:
+            self.rewrite()
+
+    def rewrite(self) -> None:
         self.loc.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self.flushed = time.time()
+        self.written, self.flushed = len(self.records), time.time()
 
 
 def save_checkpoint(engine, pos: Position, metrics: dict) -> None:

@@ -195,6 +195,29 @@ def test_packed_sdpa_on_padded_rows_is_plain_causal_attention(tok, lm, lm_packed
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_losses_from_the_kept_logits_equal_those_from_all_logits(tok, lm, packed):
+    """token_losses runs the LM head only where a row has a label; the losses (and so the gradient) are
+    those of the full logits."""
+    import torch
+    import torch.nn.functional as F
+
+    examples = _examples(tok)
+    mb = (packing.pack_batch if packed else packing.pad_batch)(examples, tok.pad_token_id)
+    assert packing._keeps_logits(lm)
+    kept = packing.token_losses(lm, mb)
+    logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                use_cache=False).logits.float()
+    full = F.cross_entropy(logits.view(-1, logits.shape[-1]), mb.labels.view(-1), ignore_index=-100,
+                           reduction="none").view(mb.labels.shape)
+    assert torch.allclose(kept.detach(), full.detach(), atol=1e-5) and float(full.sum()) > 0
+    params = [p for p in lm.parameters() if p.requires_grad]
+    g_kept = torch.autograd.grad(kept.sum(), params, allow_unused=True)
+    g_full = torch.autograd.grad(full.sum(), params, allow_unused=True)
+    assert all((a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+               for a, b in zip(g_kept, g_full))
+
+
 def test_empty_micro_batch_is_a_single_padding_token_without_loss():
     mb = packing.make_micro_batch([], pad_id=5, packing=True)
     assert mb.input_ids.tolist() == [[5]] and mb.target_tokens == 0 and mb.tokens == 1
@@ -296,3 +319,26 @@ def test_ft_prompt_shows_as_many_documents_as_the_rationales_were_written_with(t
         assert job.resolve_num_docs(str(path), 0) == 3
     assert job.resolve_num_docs(str(synthesis), 2) == 2  # an explicit value wins (with a note)
     assert job.resolve_num_docs(str(tmp_path / "elsewhere"), 0) == 5  # unknown: the paper's K
+
+
+def test_metrics_log_appends_locally_and_marks_steps_trained_again(tmp_path):
+    from instructrag_ray.sft.loop import MetricsLog
+
+    path = tmp_path / "run" / "metrics.jsonl"
+    log = MetricsLog(str(path))
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 1.0 / step})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    before = path.read_text()
+    log.append({"step": 4, "loss": 0.2})
+    after = path.read_text()
+    assert after.startswith(before) and after[len(before):].count("\n") == 1  # one line appended
+
+    resumed = MetricsLog(str(path))  # a restart from the checkpoint of step 2
+    resumed.supersede(2)
+    resumed.append({"step": 3, "loss": 0.3})
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r.get("superseded", False)) for r in records] == [
+        (1, False), (2, False), (3, True), (4, True), (3, False)]
+    resumed.flush()  # nothing new: the file stays as it is
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
