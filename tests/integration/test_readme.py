@@ -5,7 +5,7 @@ on the demo's paths (`demo_out/`, `out/`) only, with nothing that needs a cluste
 storage or ../shared, is run in a fresh directory. The README's words are kept; only the sizes are cut
 (SIZES: a few rows and tokens appended as overrides) so the chain fits the suite. `demo_out/` is made
 first the way `make demo` makes it, with the template baseline standing in for the model (the real
-demo's model output is tested in tests/integration/test_pretrained.py), so that training finds
+demo's model output is tested in tests/integration/test_smollm2.py), so that training finds
 consistent rationales."""
 
 import os

