@@ -29,7 +29,7 @@ demo: venv
 		--output $(DEMO)/synthesis retrieval.index_path=$(DEMO)/index
 
 test: venv
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-unit: venv
 	$(BIN)/python -m pytest -q -ra tests/unit
