@@ -24,10 +24,12 @@ the evaluation job.
    a substring of the normalised output), with bootstrap 95% intervals and paired differences on the
    same test questions.
 
-Sizes (defaults: 40 train and 48 test questions, K=2 documents, 96 new tokens for rationales and 24
-for answers) are what fits about an hour on 2 cores, where training runs at about 60-80 tokens/s and a
+Sizes (defaults: 40 train and 48 test questions, K=2 documents, 96 new tokens for rationales and 64
+for answers) are meant to fit about an hour on 2 cores, where training runs at about 60-80 tokens/s and a
 prompt with documents takes seconds to read; they were chosen from those speeds, and nothing was tuned
-on the test split. The paper's recipe (global batch 128, lr 2.5e-5, 2 epochs) would be well under one
+on the test split. (A first run with 24 answer tokens cut most InstructRAG-ICL outputs before their
+answer: the methods that explain first need room; the "cut at" column counts outputs that hit the
+limit.) The paper's recipe (global batch 128, lr 2.5e-5, 2 epochs) would be well under one
 optimizer step on 40 examples, so the SFT runs (configs/paper_mini.yaml) use global batch 8, 2 epochs
 and lr 1e-4 (a small model, a few steps), the same for all three models.
 """
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--test", type=int, default=48)
     ap.add_argument("--num-docs", type=int, default=2)
     ap.add_argument("--rationale-tokens", type=int, default=96)
-    ap.add_argument("--answer-tokens", type=int, default=24)
+    ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not (args.raw / "neuropath_hipporag2" / "popqa.json").exists():
@@ -173,7 +175,8 @@ def report(out: Path, synth_manifest: dict, times: dict, args) -> None:
     s = synthesis_numbers(out, synth_manifest)
     lines = [f"# The paper in miniature: SmolLM2-135M-Instruct, PopQA (HippoRAG 2 subset), BM25 top-{args.num_docs}",
              "", f"{args.train} train / {args.test} test questions, disjoint; command: "
-             f"`.venv/bin/python benchmarks/paper_mini.py --train {args.train} --test {args.test}`", "",
+             f"`.venv/bin/python benchmarks/paper_mini.py --train {args.train} --test {args.test} --num-docs {args.num_docs} "
+             f"--rationale-tokens {args.rationale_tokens} --answer-tokens {args.answer_tokens} --seed {args.seed}`", "",
              "## Synthesis (train split)", "",
              f"- consistency: {s['consistent']}/{s['rows']} = {100 * s['consistent'] / max(s['rows'], 1):.1f}% overall "
              f"(paper, Llama-3-8B: 89%); {s['bearing_consistent']}/{s['bearing']} = "
@@ -183,8 +186,13 @@ def report(out: Path, synth_manifest: dict, times: dict, args) -> None:
              f"({s['tokens'] / times['synthesis']:.1f} tokens/s end to end); {s['length_stops']} rationales hit "
              f"max_new_tokens={args.rationale_tokens}", ""]
     metrics = compute_metrics(prediction_rows(out), ORDER, resamples=2000, seed=0)
+    cut = {}
+    for r in prediction_rows(out):
+        cut.setdefault(r["method"], [0, 0])[0] += r["finish_reason"] == "length"
+        cut[r["method"]][1] += 1
     lines += ["## Held-out accuracy (test split; 95% bootstrap intervals)", "",
-              "| method | accuracy | n | InstructRAG-FT minus it [95% CI] | FT better / worse |", "|---|---|---|---|---|"]
+              f"| method | accuracy | n | InstructRAG-FT minus it [95% CI] | FT better / worse | cut at {args.answer_tokens} "
+              "tokens |", "|---|---|---|---|---|---|"]
     paired = {(p["a"], p["b"]): p for p in metrics["paired"] if p["dataset"] == "overall" and p["metric"] == "accuracy"}
     for m in ORDER:
         e = metrics["scores"].get(m, {}).get("overall")
@@ -202,7 +210,8 @@ def report(out: Path, synth_manifest: dict, times: dict, args) -> None:
             wins = f"{better} / {worse}"
         else:
             diff, wins = "", ""
-        lines.append(f"| {LABELS[m]} | {cell} | {e['n']} | {diff} | {wins} |")
+        lengths = cut.get(m, [0, 0])
+        lines.append(f"| {LABELS[m]} | {cell} | {e['n']} | {diff} | {wins} | {lengths[0]}/{lengths[1]} |")
     icl = paired.get(("icl-qa", "instructrag-icl")) or paired.get(("instructrag-icl", "icl-qa"))
     if icl:
         sign = 1 if icl["a"] == "instructrag-icl" else -1
