@@ -37,7 +37,7 @@ test-unit: venv
 test-integration: venv
 	$(BIN)/python -m pytest -q -ra tests/integration
 
-# InstructRAG with SmolLM2-135M-Instruct on real PopQA (needs ../shared/data/raw; about an hour on 2 cores).
+# InstructRAG with SmolLM2-135M-Instruct on real PopQA (needs ../shared/data/raw; well over an hour on 2 cores).
 paper-mini: venv
 	$(BIN)/python benchmarks/paper_mini.py
 
