@@ -351,9 +351,8 @@ class MetricsLog:
 
     def __init__(self, uri: str):
         self.loc = location(uri, "output")
-        self.records = [json.loads(line) for line in self.loc.read_text().splitlines() if line.strip()] \
-            if self.loc.is_file() else []
-        self.written = len(self.records)  # records the file already holds
+        self.records = _read_records(self.loc.read_text()) if self.loc.is_file() else []
+        self.written = -1  # unknown until the first write: a torn last line is rewritten away
         self.flushed = 0.0
 
     def supersede(self, step: int) -> None:
@@ -366,12 +365,11 @@ class MetricsLog:
 
     def append(self, record: dict, flush: bool = False) -> None:
         self.records.append(record)
-        if self.loc.local:
-            Path(self.loc.path).parent.mkdir(parents=True, exist_ok=True)
+        if self.loc.local and self.written >= 0:
             with open(self.loc.path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in self.records[self.written:]))
             self.written = len(self.records)
-        elif flush or time.time() - self.flushed >= self.FLUSH_S:
+        elif self.loc.local or flush or time.time() - self.flushed >= self.FLUSH_S:
             self.rewrite()
 
     def flush(self) -> None:
@@ -381,6 +379,19 @@ class MetricsLog:
     def rewrite(self) -> None:
         self.loc.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.written, self.flushed = len(self.records), time.time()
+
+
+def _read_records(text: str) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short by a kill mid-append is dropped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def save_checkpoint(engine, pos: Position, metrics: dict) -> None:

@@ -342,3 +342,10 @@ def test_metrics_log_appends_locally_and_marks_steps_trained_again(tmp_path):
         (1, False), (2, False), (3, True), (4, True), (3, False)]
     resumed.flush()  # nothing new: the file stays as it is
     assert [json.loads(line) for line in path.read_text().splitlines()] == records
+
+    with open(path, "a") as f:  # a kill in the middle of an append leaves a torn last line
+        f.write('{"step": 4, "lo')
+    torn = MetricsLog(str(path))
+    assert [r["step"] for r in torn.records] == [1, 2, 3, 4, 3]
+    torn.append({"step": 4, "loss": 0.25})  # the first write rewrites the file: the torn line is gone
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 3, 4]
