@@ -195,6 +195,50 @@ def render(tokenizer, parts: PromptParts, max_tokens: int) -> RenderedPrompt:
     )
 
 
+class Renderer:
+    """`render` for many prompts at once, as the prompt stages use it: the chat template is applied by
+    string concatenation when it provably inserts the user turn verbatim (checked once, on probe texts
+    with edge whitespace, braces and quotes: prefix + text + suffix must equal the template's output),
+    and the rendered prompts are tokenized in one batch call; a prompt over budget goes through `render`.
+    The results equal `render`'s (tests/unit/test_prompts.py checks it on real chat templates)."""
+
+    PROBES = ("INSTRUCTRAG_PROBE", "  leading and trailing blanks \n\n", "Document 1 (Title: {x}): 'q' \"dq\" <|x|>\n\nend")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.affixes = _verbatim_affixes(tokenizer, self.PROBES)
+
+    def chat(self, user_text: str) -> str:
+        if self.affixes is None:
+            return _chat(self.tokenizer, user_text)
+        return self.affixes[0] + user_text + self.affixes[1]
+
+    def render_many(self, parts: Sequence[PromptParts], max_tokens: int) -> list[RenderedPrompt | PromptTooLong]:
+        texts = [self.chat(p.text) for p in parts]
+        counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        out: list[RenderedPrompt | PromptTooLong] = []
+        for p, text, n in zip(parts, texts, counts):
+            if n <= max_tokens:
+                out.append(RenderedPrompt(text, n, 0))
+                continue
+            try:
+                out.append(render(self.tokenizer, p, max_tokens))
+            except PromptTooLong as e:
+                out.append(e)
+        return out
+
+
+def _verbatim_affixes(tokenizer, probes: Sequence[str]) -> tuple[str, str] | None:
+    """(prefix, suffix) such that the chat template renders any user turn as prefix + text + suffix, or
+    None when it does not for every probe (a template that trims, escapes or inspects the text)."""
+    head, sep, tail = _chat(tokenizer, probes[0]).partition(probes[0])
+    if not sep or probes[0] in tail:
+        return None
+    if all(_chat(tokenizer, probe) == head + probe + tail for probe in probes[1:]):
+        return head, tail
+    return None
+
+
 def _chat(tokenizer, user_text: str) -> str:
     return tokenizer.apply_chat_template(messages(user_text), tokenize=False, add_generation_prompt=True)
 

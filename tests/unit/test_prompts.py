@@ -153,3 +153,64 @@ def test_render_with_a_real_chat_template_truncates_only_documents(tiny_model):
     assert parts.tail in cut.text
     # the lowest-ranked document (rendered first) lost its words; the best one (last) is whole
     assert "word4x0 " not in cut.text and "Document 5 (Title: T0): " + docs[0]["text"] in cut.text
+
+
+# --- Renderer: many prompts at once, the same results as render ---------------------------------------
+
+
+def _many_parts():
+    docs = prompts.order_docs(DOCS, 5)
+    long_docs = [{**d, "text": d["text"] * 60} for d in DOCS]
+    return [prompts.synthesis_parts("What is the capital of France", ["Paris"], "popqa", docs),
+            prompts.synthesis_parts("  Who wrote {Hamlet}? ", ["Shakespeare"], "nq", docs),
+            prompts.synthesis_parts("Where is Lyon", ["France"], "asqa", prompts.order_docs(long_docs, 5)),
+            prompts.ft_parts("Who wrote Hamlet", docs)]
+
+
+def _as_results(tokenizer, parts, budget):
+    out = []
+    for p in parts:
+        try:
+            out.append(prompts.render(tokenizer, p, budget))
+        except prompts.PromptTooLong as e:
+            out.append(str(e))
+    return out
+
+
+@pytest.mark.parametrize("budget", [4000, 300, 20])
+def test_renderer_equals_render_one_by_one_on_a_real_chat_template(tiny_model, budget):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    renderer = prompts.Renderer(tokenizer)
+    assert renderer.affixes is not None  # the tiny model's (Llama 3) template inserts the turn verbatim
+    parts = _many_parts()
+    got = [r if isinstance(r, prompts.RenderedPrompt) else str(r) for r in renderer.render_many(parts, budget)]
+    assert got == _as_results(tokenizer, parts, budget)
+    if budget == 300:  # the long-document prompt was cut, the others fit
+        assert got[2].truncated_tokens > 0 and got[0].truncated_tokens == 0
+    if budget == 20:
+        assert all(isinstance(r, str) and "raise generation.max_model_len" in r for r in got)
+
+
+class TrimmingTokenizer(WordTokenizer):
+    """Fake tokenizer (pure logic): a chat template that strips the user turn, so the turn is not inserted
+    verbatim and the Renderer must apply the template itself; accepts a list of texts like a real one."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<user> " + messages[0]["content"].strip() + " <assistant>"
+
+    def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [t.split(" ") for t in text]}
+        return super().__call__(text)
+
+
+def test_renderer_falls_back_to_the_template_when_it_changes_the_turn():
+    tokenizer = TrimmingTokenizer()
+    renderer = prompts.Renderer(tokenizer)
+    assert renderer.affixes is None
+    parts = [prompts.PromptParts("  head", " a b c", " tail  "), prompts.PromptParts("HEAD", " d1 d2 d3 d4 d5", " TAIL")]
+    got = renderer.render_many(parts, max_tokens=8)
+    assert got == _as_results(tokenizer, parts, 8)
+    assert got[0].text == "<user> head a b c tail <assistant>"
