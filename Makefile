@@ -43,6 +43,7 @@ paper-mini: venv
 
 bench: venv
 	$(BIN)/python benchmarks/synthesis.py
+	$(BIN)/python benchmarks/pipeline.py --rows 1000 10000
 	$(BIN)/python benchmarks/padding.py
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/retrieval.py

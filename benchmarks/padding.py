@@ -3,7 +3,9 @@
 Prompts are the real synthesis prompts of the synthetic world (retrieved with tantivy, rendered by
 the tiny model's chat template); the same batches go through TransformersEngine twice.
 
-    .venv/bin/python benchmarks/padding.py [--rows 128] [--batch 32] [--micro 8] [--new-tokens 16]
+    .venv/bin/python benchmarks/padding.py [--rows 128] [--batch 128] [--micro 8] [--new-tokens 16]
+
+--batch is the number of rows per engine call, the window sorted by length (generation.batch_size).
 """
 
 import argparse
@@ -16,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instructrag_ray import prompts  # noqa: E402
+from instructrag_ray.config import GenerationConfig  # noqa: E402
 from instructrag_ray.generation.transformers_engine import TransformersEngine  # noqa: E402
 from instructrag_ray.retrieval.tantivy_index import TantivyRetriever, build_tantivy_index  # noqa: E402
 from instructrag_ray.testing.synthetic import generate_world  # noqa: E402
@@ -25,8 +28,9 @@ from instructrag_ray.models import resolve_model  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--micro", type=int, default=8)
+    defaults = GenerationConfig()
+    ap.add_argument("--batch", type=int, default=defaults.batch_size, help="rows per engine call (generation.batch_size)")
+    ap.add_argument("--micro", type=int, default=defaults.micro_batch_size)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -59,7 +63,7 @@ def main() -> None:
             engine.generate(rows[i:i + args.batch])
         results[sort] = (engine.stats.pad_share, time.perf_counter() - start)
 
-    print(f"{len(rows)} synthesis prompts, Ray batch {args.batch}, micro-batch {args.micro}, "
+    print(f"{len(rows)} synthesis prompts, engine call (sorting window) {args.batch} rows, micro-batch {args.micro}, "
           f"{args.new_tokens} new tokens, tiny model on CPU")
     print(f"{'':16}{'pad share':>12}{'seconds':>10}")
     for sort, (share, secs) in results.items():

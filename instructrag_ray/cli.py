@@ -156,6 +156,15 @@ def prepare_models_main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process is connected to (this machine's when Ray is not started)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("CPU", 1.0)
+    return float(os.cpu_count() or 1)
+
+
 def init_ray(address: str = "", cpus_needed: float | None = None, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS); else start a local Ray: with Ray's own CPU count, or, when
     `cpus_needed` is given, with at least the logical CPUs the actor pools ask for (they then share the

@@ -90,11 +90,32 @@ class RetrievalConfig(ElasticsearchConnection):
         parse_resources(self.resources, "retrieval.resources")
 
 
+# A prompt actor renders and tokenizes about 700 synthesis prompts of 5 documents a second (the tokenizer
+# encodes a batch on every core of its node), takes a few seconds to start (transformers, the tokenizer) and
+# a few hundred MB. By default a job starts one per PROMPTS_PER_ACTOR prompts to render, at most one per
+# CPUS_PER_PROMPT_ACTOR CPUs of the cluster and at most MAX_AUTO_PROMPT_ACTORS (on 2 cores a second actor
+# made 10k rows slower: 185 rows/s against 263 with one, benchmarks/pipeline.py).
+PROMPTS_PER_ACTOR = 10_000
+CPUS_PER_PROMPT_ACTOR = 4
+MAX_AUTO_PROMPT_ACTORS = 8
+
+
 @dataclass
 class PromptConfig:
     num_docs: int = opt(5, "K: documents shown in the prompt (paper: 5; 10 for 2WikiMultiHopQA)", minimum=1)
     num_cpus: float = opt(0.25, "CPUs per prompt-rendering actor (tokenizer on CPU)", minimum=0)
-    max_actors: int = opt(1, "prompt-rendering actor pool: maximum size", minimum=1)
+    min_actors: int = opt(0, "prompt-rendering actor pool: minimum size; 0 = max_actors (a pool of fixed size)", minimum=0)
+    max_actors: int = opt(0, f"prompt-rendering actor pool: maximum size; 0 = auto: one per {PROMPTS_PER_ACTOR} prompts to render, at most one per {CPUS_PER_PROMPT_ACTOR} CPUs of the cluster when the job starts (a local Ray: of this machine) and at most {MAX_AUTO_PROMPT_ACTORS}", minimum=0)
+
+    def validate(self) -> None:
+        if self.max_actors:
+            check_pool("prompt", self.min_actors, self.max_actors)
+
+    def pool(self, cluster_cpus: float, prompts: int) -> tuple[int, int]:
+        """(min, max) size of the prompt actor pool for `prompts` prompts on a cluster of `cluster_cpus` CPUs."""
+        most = self.max_actors or max(1, min(MAX_AUTO_PROMPT_ACTORS, int(cluster_cpus // CPUS_PER_PROMPT_ACTOR),
+                                             -(-prompts // PROMPTS_PER_ACTOR)))
+        return min(self.min_actors or most, most), most
 
 
 @dataclass
@@ -113,7 +134,7 @@ class GenerationConfig:
     top_p: float = opt(1.0, "nucleus sampling when temperature > 0", minimum=0)
     repetition_penalty: float = opt(1.0, "> 1 discourages tokens already generated (1.0 = off); small models such as smollm2-135m repeat a line to the length limit without it (1.2 in configs/demo.yaml). transformers: over the generated tokens only; llamacpp: llama.cpp's repeat_penalty over the last 64 tokens (prompt tokens included); vllm and openai (sent as the request's repetition_penalty, only when != 1.0): as the server applies it (vLLM: prompt and output tokens)", minimum=0)
     dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16", doc="auto: bfloat16 on GPU, float32 on CPU")
-    batch_size: int = opt(32, "rows per batch sent to a generation actor", minimum=1)
+    batch_size: int = opt(128, "rows per engine call on a generation actor: the transformers engine sorts them by length before cutting micro-batches (128: 3.5% of the computed prompt slots are padding, 32: 12.7%; benchmarks/padding.py)", minimum=1)
     micro_batch_size: int = opt(8, "sequences per generate() call inside a batch; llamacpp: sequences decoded at once (llama.cpp's n_parallel slots, continuous batching)", minimum=1)
     sort_by_length: bool = opt(True, "sort a batch's prompts by length before cutting micro-batches (less padding)")
     num_gpus: float = opt(0.0, "GPUs per generation actor (fractions allowed); 0 runs on CPU", minimum=0)
@@ -203,6 +224,7 @@ class SynthesizeConfig:
             raise ConfigError("output is required: pass --output DIR")
         self.generation.validate()
         self.retrieval.validate()
+        self.prompt.validate()
         check_docs(self.prompt.num_docs, self.retrieval.top_k)
 
     def shaping(self, index_fingerprint: str = "") -> dict:
@@ -344,6 +366,7 @@ class EvaluateConfig:
             raise ConfigError(f"config key 'metrics.confidence' is {self.metrics.confidence!r}; it must be between 0 and 1")
         self.generation.validate()
         self.retrieval.validate()
+        self.prompt.validate()
         check_docs(self.prompt.num_docs, self.retrieval.top_k)
 
     def method_shaping(self, method: str, demos: list | None, index_fingerprint: str = "") -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 
 from . import read
-from .config import GenerationConfig, RetrievalConfig
+from .config import CPUS_PER_PROMPT_ACTOR, MAX_AUTO_PROMPT_ACTORS, PROMPTS_PER_ACTOR, GenerationConfig, PromptConfig, RetrievalConfig
 
 PARSE_ROWS = 2000  # raw rows parsed at a time
 
@@ -45,6 +45,16 @@ def cpus(amount: float) -> str:
 def pool(min_actors: int, max_actors: int, per_actor: str) -> str:
     size = f"{min_actors}" if min_actors == max_actors else f"{min_actors}-{max_actors}"
     return f"{size} actor{'s' if max_actors != 1 else ''} x {per_actor}"
+
+
+def prompt_pool(p: PromptConfig, address: str, prompts: int) -> str:
+    """The prompt actor pool a run would start: its size is decided on the cluster when it is automatic."""
+    per_actor = cpus(p.num_cpus)
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if p.max_actors or not address:
+        return pool(*p.pool(os.cpu_count() or 1, prompts), per_actor) + ("" if p.max_actors else " (auto)")
+    return (f"auto: one actor per {PROMPTS_PER_ACTOR} prompts, at most one per {CPUS_PER_PROMPT_ACTOR} cluster CPUs "
+            f"and {MAX_AUTO_PROMPT_ACTORS}, x {per_actor}")
 
 
 def generation_stage(g: GenerationConfig, model: str) -> str:

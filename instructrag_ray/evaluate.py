@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from . import dryrun, output, prompts, read, schemas
 from .answers import has_answer
-from .cli import init_ray
+from .cli import cluster_cpus, init_ray
 from .config import ICL_METHODS, EvaluateConfig, fingerprint
 from .console import Progress
 from .demos import load_demo_pool, select_demos
@@ -460,9 +460,10 @@ def evaluation_chain(parsed, cfg: EvaluateConfig, plan: Plan, groups, demos: dic
     done_ref = ray.put(done)
     branches = []
     for k, (_, model, group_methods) in enumerate(groups):
+        low, high = cfg.prompt.pool(cluster_cpus(), plan.valid * len(group_methods))
         b = ds.map_batches(
             PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
             fn_constructor_kwargs={"model": g.prompt_model(model), "methods": group_methods, "demos": demos,
                                    "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                    "max_new_tokens": g.max_new_tokens, "done_ref": done_ref, "carry_rejects": k == 0})

@@ -9,6 +9,7 @@ Every stage is a function or a callable class taking and returning a pyarrow bat
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from . import dryrun, output, prompts, read
 from .answers import has_answer
-from .cli import init_ray
+from .cli import cluster_cpus, init_ray
 from .config import SynthesizeConfig
 from .console import Progress
 from .errors import InputError
@@ -49,24 +50,22 @@ class PromptStage:
         from transformers import AutoTokenizer
 
         path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.renderer = prompts.Renderer(AutoTokenizer.from_pretrained(path))
         self.num_docs = num_docs
         self.budget = resolve_max_model_len(path, max_model_len) - max_new_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, "prompt", "question", "answers", "dataset", "ctxs")
         rows = batch.to_pylist()
+        todo = ok_rows(rows)
+        parts = [prompts.synthesis_parts(rows[i]["question"], rows[i]["answers"], rows[i]["dataset"],
+                                         prompts.order_docs(rows[i]["ctxs"], self.num_docs)) for i in todo]
         texts, tokens, cut = [None] * len(rows), [None] * len(rows), [None] * len(rows)
-        for i in ok_rows(rows):
-            row = rows[i]
-            docs = prompts.order_docs(row["ctxs"], self.num_docs)
-            parts = prompts.synthesis_parts(row["question"], row["answers"], row["dataset"], docs)
-            try:
-                rendered = prompts.render(self.tokenizer, parts, self.budget)
-            except prompts.PromptTooLong as e:
-                reject(row, "prompt", "prompt_too_long", str(e))
-                continue
-            texts[i], tokens[i], cut[i] = rendered.text, rendered.tokens, rendered.truncated_tokens
+        for i, rendered in zip(todo, self.renderer.render_many(parts, self.budget)):
+            if isinstance(rendered, prompts.PromptTooLong):
+                reject(rows[i], "prompt", "prompt_too_long", str(rendered))
+            else:
+                texts[i], tokens[i], cut[i] = rendered.text, rendered.tokens, rendered.truncated_tokens
         return add_columns(batch, rows, {"prompt": texts, "prompt_tokens": tokens, "truncated_tokens": cut})
 
 
@@ -150,24 +149,21 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     output.refuse_other_settings(out, scanned, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
     existing = output.ExistingOutput() if cfg.overwrite else scanned  # what a run resumes from
     dataset = read.default_dataset(cfg.input, cfg.dataset)
-    # A dry run, or a rerun of a small input, plans from the input parsed here: a rerun with nothing left
-    # to do then ends in seconds, without Ray. A large input is only ever read on the cluster.
+    # A dry run, or a run on a small input, plans from the input parsed here: no Ray pass just to plan,
+    # and a rerun with nothing left to do ends in seconds, without Ray. A large input is only ever read on
+    # the cluster (once to plan, from its id columns, and once to run).
     plan = None
-    if dry_run or (existing.files and read.input_bytes(cfg.input) <= DRIVER_PLAN_BYTES):
+    if dry_run or read.input_bytes(cfg.input) <= DRIVER_PLAN_BYTES:
         plan = plan_from_rows(dryrun.parsed_rows(cfg.input, dataset, list(PLAN_COLUMNS)), existing, cfg.limit)
         check_plan(cfg, plan)
         if dry_run:
             return synthesis_dry_run(cfg, plan, existing, dataset)
         if not plan.todo and not existing.retry_ids:
             return finish_synthesis(cfg, out, fingerprint, plan, existing, started, None)
-    init_ray(cfg.ray_address, cpus_for(cfg), verbose=cfg.verbose)
+    init_ray(cfg.ray_address, cpus_for(cfg, plan.todo if plan else None), verbose=cfg.verbose)
 
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
-    # batch_size=None on the stateless stages: a block stays a block (reblock cuts them to the generation
-    # batch size), so every generation batch is checked, written and committed as it lands (Ray Data's
-    # default would bundle blocks up to 1024 rows: one file, and one progress step, per 1024 rows)
-    parsed = read.read_raw(cfg.input, block_rows=cfg.generation.batch_size).map_batches(
-        read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
+    parsed = parse(cfg.input, dataset)
     if plan is None:
         plan = plan_rows(parsed, existing, cfg.limit)
         check_plan(cfg, plan)
@@ -176,8 +172,28 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     return finish_synthesis(cfg, out, fingerprint, plan, existing, started, parsed)
 
 
-# A rerun plans on the driver (no Ray) when the input is at most this big; larger inputs are read by Ray.
-DRIVER_PLAN_BYTES = 64 << 20
+def parse(path: str, dataset: str):
+    """Stages read and parse (batch_size=None: a block stays a block; a read task's rows are one block)."""
+    return read.read_raw(path).map_batches(
+        read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
+
+
+def block_rows(todo: int, batch_size: int) -> int:
+    """Rows per block from the select stage on: every block is a Ray task per stage and a trip through
+    the object store, so large blocks cost less per row; yet there must be enough of them (BLOCKS_PER_RUN)
+    to spread over the actor pools, and a block is also the unit that is written, committed and counted
+    by the progress display, so it stays at most MAX_BLOCK_ROWS (a GPU engine writing 80 rows/s commits
+    every 6 s). Never less than one generation batch."""
+    return max(batch_size, min(MAX_BLOCK_ROWS, -(-todo // BLOCKS_PER_RUN)))
+
+
+BLOCKS_PER_RUN = 16
+MAX_BLOCK_ROWS = 512
+
+
+# A run plans on the driver when the input is at most this big (parsing 16 MiB of JSON lines here takes a
+# few seconds); larger inputs are read by Ray.
+DRIVER_PLAN_BYTES = 16 << 20
 
 
 def check_plan(cfg: SynthesizeConfig, plan: Plan) -> None:
@@ -217,11 +233,16 @@ def finish_synthesis(cfg: SynthesizeConfig, out, fingerprint: str, plan: Plan, e
     return manifest
 
 
-def cpus_for(cfg: SynthesizeConfig) -> float:
+def cpus_for(cfg: SynthesizeConfig, todo: int | None) -> float:
     """Logical CPUs a local Ray needs so that every actor pool starts and the tasks between them still
-    run (reblock's tasks take a whole CPU): they share the machine's cores."""
+    run (reblock's tasks take a whole CPU): they share the machine's cores. `todo`: the rows to process
+    (None: not known yet)."""
     g, r = cfg.generation, cfg.retrieval
-    return g.num_cpus * g.min_actors + r.num_cpus * r.min_actors + cfg.prompt.num_cpus + 1 + 3 * TASK_CPUS
+    prompt_actors = cfg.prompt.pool(os.cpu_count() or 1, MAX_ROWS if todo is None else todo)[0]
+    return g.num_cpus * g.min_actors + r.num_cpus * r.min_actors + cfg.prompt.num_cpus * prompt_actors + 1 + 3 * TASK_CPUS
+
+
+MAX_ROWS = 1 << 62
 
 
 def check_synthesis(cfg: SynthesizeConfig):
@@ -255,9 +276,9 @@ def synthesis_dry_run(cfg: SynthesizeConfig, plan: Plan, existing: output.Existi
     p.add("stages", " -> ".join(stages))
     if plan.need_retrieval:
         p.add("retrieve", dryrun.retrieval_stage(cfg.retrieval, plan.need_retrieval))
-    p.add("prompt", f"{cfg.prompt.num_docs} documents, {dryrun.pool(1, cfg.prompt.max_actors, dryrun.cpus(cfg.prompt.num_cpus))}")
+    p.add("prompt", f"{cfg.prompt.num_docs} documents, {dryrun.prompt_pool(cfg.prompt, cfg.ray_address, plan.todo)}")
     p.add("generate", dryrun.generation_stage(g, g.model) + f", at most {g.max_new_tokens} new tokens")
-    p.add("ray", dryrun.ray_target(cfg.ray_address, cpus_for(cfg)))
+    p.add("ray", dryrun.ray_target(cfg.ray_address, cpus_for(cfg, plan.todo)))
     return p.show()
 
 
@@ -271,15 +292,17 @@ def synthesis_chain(parsed, cfg: SynthesizeConfig, plan: Plan, existing: output.
         select_rows, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"skip_ref": ray.put(existing.ids), "duplicate_ref": ray.put(plan.duplicates),
                    "keep_ref": ray.put(plan.keep) if plan.keep is not None else None})
+    # the read's rows come as one block per read task: cut into blocks that spread over the actor pools
+    ds = reblock(ds, block_rows(plan.todo, g.batch_size))
     if plan.need_retrieval:
         ds = retrieve(ds, cfg.retrieval)  # in retrieval.batch_size batches (one msearch each)
-    ds = reblock(ds, g.batch_size)
+    low, high = cfg.prompt.pool(cluster_cpus(), plan.todo)
     ds = ds.map_batches(
-        PromptStage, batch_format="pyarrow", batch_size=g.batch_size, num_cpus=cfg.prompt.num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.prompt.max_actors),
+        PromptStage, batch_format="pyarrow", batch_size=None, num_cpus=cfg.prompt.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         fn_constructor_kwargs={"model": g.prompt_model(g.model), "num_docs": cfg.prompt.num_docs, "max_model_len": g.max_model_len,
                                "max_new_tokens": g.max_new_tokens})
-    ds = generate(ds, g, g.model, cfg.prompt.num_docs)
+    ds = generate(ds, g, g.model, cfg.prompt.num_docs)  # in generation.batch_size batches, a block a task
     ds = ds.map_batches(check_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"num_docs": cfg.prompt.num_docs}, num_cpus=TASK_CPUS)
     return ds.map_batches(output.write_batch, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,

@@ -64,3 +64,25 @@ def test_parse_resources():
 
     assert parse_resources("") == {}
     assert parse_resources("gpu_worker:1, disk:0.5,x") == {"gpu_worker": 1.0, "disk": 0.5, "x": 1.0}
+
+
+def test_prompt_pool_is_sized_from_the_work_and_the_cluster_unless_set():
+    from instructrag_ray.config import PromptConfig
+
+    auto = PromptConfig()
+    assert auto.pool(2, 50_000) == (1, 1)       # 2 CPUs: one actor (its tokenizer uses both cores)
+    assert auto.pool(64, 500) == (1, 1)         # little work: one actor (each takes seconds to start)
+    assert auto.pool(64, 35_000) == (4, 4)      # one per 10k prompts
+    assert auto.pool(1000, 10**9) == (8, 8)     # at most 8
+    assert PromptConfig(max_actors=3).pool(2, 10) == (3, 3)
+    assert PromptConfig(min_actors=1, max_actors=3).pool(2, 10) == (1, 3)
+    with pytest.raises(ConfigError, match=r"prompt.max_actors \(2\) must be >= prompt.min_actors \(3\)"):
+        load_config(SynthesizeConfig, None, BASE + ["prompt.min_actors=3", "prompt.max_actors=2"])
+
+
+def test_blocks_are_large_but_spread_and_never_below_a_generation_batch():
+    from instructrag_ray.synthesize import block_rows
+
+    assert block_rows(10_000, 128) == 512   # capped: a block is also what is committed at once
+    assert block_rows(3_000, 128) == 188    # 16 blocks to spread over the actor pools
+    assert block_rows(30, 8) == 8           # small runs: one generation batch a block

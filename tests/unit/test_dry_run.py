@@ -32,7 +32,7 @@ def test_synthesis_dry_run_counts_rows_and_writes_nothing(world, index, tiny_mod
     assert plan["dry_run"] and plan["output"] == f"{out}: 0 rows already written (resumed), 20 to process"
     assert plan["stages"] == "read -> validate -> select -> retrieve -> prompt -> generate -> check -> write"
     assert plan["retrieve"].startswith(f"tantivy index {index}, top 5, for 20 rows: 1 actor x 0.5 CPU")
-    assert plan["generate"] == "transformers, tiny: 1 actor x 1 CPU, batches of 32, at most 8 new tokens"
+    assert plan["generate"] == "transformers, tiny: 1 actor x 1 CPU, batches of 128, at most 8 new tokens"
     printed = capsys.readouterr().out
     assert printed.startswith("[synthesize] dry run: every check passed; nothing was started\n")
 

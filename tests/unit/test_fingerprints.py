@@ -42,7 +42,7 @@ NOT_SHAPING = {
     "retrieval.es_password", "retrieval.es_ca_certs", "retrieval.es_verify_certs", "retrieval.es_request_timeout_s",
     "retrieval.es_max_retries", "retrieval.es_retry_backoff_s", "retrieval.es_max_concurrent_searches",
     "retrieval.es_search_type",
-    "prompt.num_cpus", "prompt.max_actors",
+    "prompt.num_cpus", "prompt.min_actors", "prompt.max_actors",
     "generation.batch_size", "generation.micro_batch_size", "generation.sort_by_length", "generation.num_gpus",
     "generation.num_cpus", "generation.min_actors", "generation.max_actors", "generation.resources",
     "generation.api_key_env", "generation.max_requests_per_s", "generation.request_timeout_s",
