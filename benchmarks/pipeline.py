@@ -11,9 +11,11 @@ generate (no model), check, write. The plain loop calls the job's own stage func
 batches of generation.batch_size rows, in this process, and writes the same Parquet files; the Ray job is
 `run_synthesis` with the configuration's defaults (local Ray on this machine's CPUs).
 
+Each run is a fresh process, as a user's is (nothing imported, no Ray started yet; the loop's wall time
+includes loading the tokenizer and opening the index, the Ray job's includes starting Ray and its actors).
 Printed per size: rows/s of each, their ratio, the time to the first written row (loop: the first batch
-staged; Ray job: the first batch committed, counted from the job's start), and the Ray job's per-stage
-wall and CPU time from Ray Data's own stats.
+written; Ray job: the first batch committed, counted from the job's start), and the Ray job's start-up,
+planning, chain and compaction times, and per-stage wall and CPU time from Ray Data's own stats.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,13 +151,32 @@ def stage_times(stats: str) -> list[tuple[str, float, float]]:
     return [tuple(s) for s in stages]
 
 
+def measure(mode: str, qa: str, out: str, index: str, overrides: list[str]) -> dict:
+    """One measurement, in this (fresh) process: as a user's run starts, with nothing imported or started."""
+    cfg = config(Path(qa), Path(out), Path(index), overrides)
+    return plain_loop(cfg) if mode == "loop" else ray_job(cfg)
+
+
+def in_subprocess(mode: str, qa: Path, out: Path, index: Path, overrides: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--mode", mode, "--input", str(qa), "--output", str(out),
+                           "--index", str(index), "--set", *overrides], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the {mode} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000, 50_000])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for both (e.g. retrieval.max_actors=2 prompt.max_actors=2)")
     parser.add_argument("--show-stats", action="store_true", help="print Ray Data's whole stats text too")
+    for hidden in ("--mode", "--input", "--output", "--index"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(measure(args.mode, args.input, args.output, args.index, args.set)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         world = write_world(tmp / "world", seed=0)
@@ -163,14 +185,16 @@ def main() -> None:
         for n in args.rows:
             qa = tmp / f"qa-{n}.jsonl"
             write_input(world["qa"], qa, n)
-            loop = plain_loop(config(qa, tmp / f"loop-{n}", tmp / "index", args.set))
-            job = ray_job(config(qa, tmp / f"ray-{n}", tmp / "index", args.set))
-            assert loop["written"] == job["written"], (loop["written"], job["written"])
+            loop = in_subprocess("loop", qa, tmp / f"loop-{n}", tmp / "index", args.set)
+            job = in_subprocess("ray", qa, tmp / f"ray-{n}", tmp / "index", args.set)
+            if loop["written"] != job["written"]:
+                sys.exit(f"the loop wrote {loop['written']} rationales and the Ray job {job['written']}")
             results.append((n, loop, job))
+            print(f"{n} rows: loop {loop['rows_per_s']:.1f} rows/s, Ray job {job['rows_per_s']:.1f} rows/s", flush=True)
             if args.show_stats:
                 print(job["stats"])
-    print(f"\nsynthesis pipeline (template baseline, tantivy top-5, tiny tokenizer), {os.cpu_count()} CPUs"
-          + (f", {' '.join(args.set)}" if args.set else ""))
+    print(f"\nsynthesis pipeline (template baseline, tantivy top-5, tiny tokenizer), {os.cpu_count()} CPUs, each run "
+          "in a fresh process" + (f", {' '.join(args.set)}" if args.set else ""))
     print(f"{'rows':>7} {'loop rows/s':>12} {'Ray rows/s':>11} {'Ray/loop':>9} {'loop 1st row s':>15} "
           f"{'Ray 1st row s':>14} {'loop wall s':>12} {'Ray wall s':>11}")
     for n, loop, job in results:
