@@ -94,7 +94,7 @@ class RetrievalConfig(ElasticsearchConnection):
 # encodes a batch on every core of its node), takes a few seconds to start (transformers, the tokenizer) and
 # a few hundred MB. By default a job starts one per PROMPTS_PER_ACTOR prompts to render, at most one per
 # CPUS_PER_PROMPT_ACTOR CPUs of the cluster and at most MAX_AUTO_PROMPT_ACTORS (on 2 cores a second actor
-# made 10k rows slower: 185 rows/s against 263 with one, benchmarks/pipeline.py).
+# made 10k rows slower: 281 rows/s against 358 with one, benchmarks/pipeline.py).
 PROMPTS_PER_ACTOR = 10_000
 CPUS_PER_PROMPT_ACTOR = 4
 MAX_AUTO_PROMPT_ACTORS = 8

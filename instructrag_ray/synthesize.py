@@ -3,8 +3,9 @@
     read -> parse/validate -> select (resume, duplicates, limit) -> retrieve -> prompt -> generate
          -> check -> write
 
-Every stage is a function or a callable class taking and returning a pyarrow batch (see batches.py);
-`run_synthesis` wires them with the resources from the config and reports progress as batches land.
+Every stage is a function or a callable class taking and returning a pyarrow batch (see rows.py);
+`run_synthesis` wires them with the resources from the config and reports progress as blocks land
+(`block_rows`: a block is at least one generation batch and at most 512 rows).
 """
 
 from __future__ import annotations
