@@ -62,7 +62,7 @@ def plain_loop(cfg: SynthesizeConfig) -> dict:
     """The job's stages called one after the other on each batch, in this process."""
     g = cfg.generation
     started = time.perf_counter()
-    retrieve = RetrieveStage(top_k=cfg.retrieval.top_k, **retriever_options(cfg.retrieval))
+    retrieve = RetrieveStage(top_k=cfg.retrieval.top_k, batch_size=cfg.retrieval.batch_size, **retriever_options(cfg.retrieval))
     prompt = synthesize.PromptStage(g.prompt_model(g.model), cfg.prompt.num_docs, g.max_model_len, g.max_new_tokens)
     generate = GenerateStage(**engine_options(g, g.model, cfg.prompt.num_docs))
     out = location(cfg.output)

@@ -34,20 +34,24 @@ def make_retriever(backend: str, *, index_path: str = "", fields: dict[str, floa
 
 class RetrieveStage:
     """Stage `retrieve` (actor; the index is opened, or the Elasticsearch client made, once): reads
-    question, ctxs; fills ctxs and ctxs_source='retrieved' for rows without ctxs. Rows that arrived
+    question, ctxs; fills ctxs and ctxs_source='retrieved' for rows without ctxs, searching `batch_size`
+    questions at a time (one msearch each). Rows that arrived
     with ctxs pass untouched; a failed or empty search rejects only its row (stage retrieve); a
     cluster that stops answering stops the job (ClusterUnavailable) so that a rerun resumes those rows
     instead of rejecting them."""
 
-    def __init__(self, top_k: int, **retriever_options):
+    def __init__(self, top_k: int, batch_size: int = 64, **retriever_options):
         self.retriever = make_retriever(**retriever_options)
         self.top_k = top_k
+        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, "retrieve", "question", "ctxs")
         rows = batch.to_pylist()
         todo = [i for i in ok_rows(rows) if rows[i]["ctxs"] is None]
-        results = self.retriever.batch_search([rows[i]["question"] for i in todo], self.top_k) if todo else []
+        questions = [rows[i]["question"] for i in todo]
+        results = [hits for start in range(0, len(questions), self.batch_size)
+                   for hits in self.retriever.batch_search(questions[start:start + self.batch_size], self.top_k)]
         for i, hits in zip(todo, results):
             if isinstance(hits, QueryFailure):
                 reject(rows[i], "retrieve", "search_failed", hits.reason)
@@ -109,12 +113,14 @@ def index_fingerprint(r: RetrievalConfig) -> str:
 
 
 def retrieve(ds, r: RetrievalConfig):
-    """Add stage `retrieve` to the chain `ds`: an autoscaling actor pool of retrieval.min/max_actors."""
+    """Add stage `retrieve` to the chain `ds`: an autoscaling actor pool of retrieval.min/max_actors. A
+    block stays a block (batch_size=None; Ray Data would merge smaller blocks up to a batch): the stage
+    searches it retrieval.batch_size questions at a time (one msearch each)."""
     import ray
 
     resources = parse_resources(r.resources, "retrieval.resources")
     return ds.map_batches(
-        RetrieveStage, batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus,
+        RetrieveStage, batch_format="pyarrow", batch_size=None, num_cpus=r.num_cpus,
         **({"resources": resources} if resources else {}),
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-        fn_constructor_kwargs={"top_k": r.top_k, **retriever_options(r)})
+        fn_constructor_kwargs={"top_k": r.top_k, "batch_size": r.batch_size, **retriever_options(r)})

@@ -120,3 +120,17 @@ def test_template_baseline_is_consistent_when_the_answer_is_retrieved(ray_local,
     assert all(r["consistent"] for r in good)
     named = [r for r in good if r["answer_in_docs"]]
     assert named and all("contain" in r["rationale"] and "Document" in r["rationale"] for r in named)
+
+
+def test_every_block_is_written_on_its_own(ray_local, tiny_model, index, world, tmp_path):
+    """Blocks of a small run are one generation batch each and stay apart through every stage (Ray Data
+    merges blocks smaller than an actor stage's batch_size: retrieval's 64 once held a whole run's rows
+    in one block, so nothing was committed before the end). rows_per_file=0 keeps the file per block."""
+    from instructrag_ray.synthesize import block_rows
+
+    out = tmp_path / "out"
+    manifest = run_synthesis(config(world["qa"], out, index, "limit=40", "generation.batch_size=4",
+                                    "rows_per_file=0"))
+    assert manifest["this_run"]["written"] + manifest["this_run"]["rejected"] == 40
+    sizes = [pq.read_metadata(f).num_rows for f in (out / "rationales").glob("*.parquet")]
+    assert block_rows(40, 4) == 4 and max(sizes) <= 4 and len(sizes) >= 40 // 4 - 1, sizes
