@@ -364,8 +364,7 @@ def run_evaluation(cfg: EvaluateConfig, dry_run: bool = False) -> dict:
              verbose=cfg.verbose)
 
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset}); methods: {', '.join(methods)}")
-    parsed = read.read_raw(cfg.input).map_batches(
-        read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
+    parsed = read.read_parsed(cfg.input, dataset, TASK_CPUS)
     plan = plan_rows(parsed, cfg.limit)
     demos, fingerprints = checks_after_plan(cfg, plan, methods, pool, retrieves)
     done = prepare_output(out, fingerprints, cfg.overwrite)

@@ -282,6 +282,13 @@ def read_raw(path: str | Location, block_rows: int = RAW_BLOCK_ROWS):
         fn_kwargs={"tasks": tasks, "block_rows": block_rows})
 
 
+def read_parsed(path: str | Location, dataset: str, num_cpus: float):
+    """Stages read and parse of a job's chain: `read_raw`, then `parse_batch` on each block (batch_size=None:
+    a block stays a block; a read task's rows come as one block). `num_cpus` per parse task."""
+    return read_raw(path).map_batches(parse_batch, batch_format="pyarrow", batch_size=None,
+                                      fn_kwargs={"dataset": dataset}, num_cpus=num_cpus)
+
+
 def _read_tasks(batch: pa.Table, tasks: list[tuple], block_rows: int) -> Iterator[pa.Table]:
     """Stage `read` (a task per input piece): reads id (the piece's index in `tasks`: kind, file, source,
     start, end); yields raw rows."""

@@ -164,19 +164,13 @@ def run_synthesis(cfg: SynthesizeConfig, dry_run: bool = False) -> dict:
     init_ray(cfg.ray_address, cpus_for(cfg, plan.todo if plan else None), verbose=cfg.verbose)
 
     log(f"reading {cfg.input} (dataset name for rows without one: {dataset})")
-    parsed = parse(cfg.input, dataset)
+    parsed = read.read_parsed(cfg.input, dataset, TASK_CPUS)
     if plan is None:
         plan = plan_rows(parsed, existing, cfg.limit)
         check_plan(cfg, plan)
     # with overwrite=true this deletes the old output (every check above has passed)
     existing = output.prepare_output(out, scanned, fingerprint, cfg.shaping(index_fp), cfg.overwrite)
     return finish_synthesis(cfg, out, fingerprint, plan, existing, started, parsed)
-
-
-def parse(path: str, dataset: str):
-    """Stages read and parse (batch_size=None: a block stays a block; a read task's rows are one block)."""
-    return read.read_raw(path).map_batches(
-        read.parse_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"dataset": dataset}, num_cpus=TASK_CPUS)
 
 
 def block_rows(todo: int, batch_size: int) -> int:
