@@ -40,7 +40,7 @@ class RetrieveStage:
     cluster that stops answering stops the job (ClusterUnavailable) so that a rerun resumes those rows
     instead of rejecting them."""
 
-    def __init__(self, top_k: int, batch_size: int = 64, **retriever_options):
+    def __init__(self, top_k: int, batch_size: int, **retriever_options):
         self.retriever = make_retriever(**retriever_options)
         self.top_k = top_k
         self.batch_size = batch_size
