@@ -54,7 +54,8 @@ def run_mode(mode: str, path: str, block_rows: int, split_mb: int) -> dict:
 
     from instructrag_ray import read
     from instructrag_ray.output import ExistingOutput
-    from instructrag_ray.synthesize import TASK_CPUS, plan_rows
+    from instructrag_ray.rows import TASK_CPUS
+    from instructrag_ray.synthesize import plan_rows
 
     read.SPLIT_BYTES = split_mb << 20
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

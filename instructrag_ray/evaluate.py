@@ -53,7 +53,7 @@ from .metrics import compute_metrics, markdown_report, plot_report, score_predic
 from .models import check_weights, load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
 from .retrieval.stage import check_retrieval, retrieve
-from .rows import cached_get, ok_rows, reblock, reject, require, select_rows
+from .rows import TASK_CPUS, cached_get, ok_rows, reblock, reject, require, select_rows
 from .storage import Location, check_location, location
 
 FT, SFT, ICL, VANILLA, ICL_QA, NO_RETRIEVAL = ("instructrag-ft", "vanilla-sft", "instructrag-icl", "vanilla-rag", "icl-qa",
@@ -69,7 +69,6 @@ NO_RETRIEVAL_QUESTION = "Based on your knowledge, answer the question:\n{questio
 
 PREDICTIONS, REJECTED, METRICS, REPORT_MD, REPORT_PNG = "predictions", "rejected", "metrics.json", "report.md", "report.png"
 MANIFEST = "manifest.json"
-TASK_CPUS = 0.1
 
 
 def log(message: str) -> None:

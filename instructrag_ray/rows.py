@@ -15,6 +15,11 @@ import pyarrow as pa
 
 from . import schemas
 
+# The CPUs of a stateless Ray Data task (parse, select, check, write, score). They are light; asking for
+# little leaves room for the actor pools on small nodes (an actor pool that takes every CPU starves
+# these tasks and the job hangs silently).
+TASK_CPUS = 0.1
+
 
 def ok_rows(rows: list[dict]) -> list[int]:
     """Indices of the rows that are not rejected."""

@@ -27,13 +27,8 @@ from .generation.stage import check_engine, generate
 from .models import load_chat_tokenizer, resolve_max_model_len, resolve_model
 from .progress import follow
 from .retrieval.stage import check_retrieval, index_fingerprint, retrieve
-from .rows import add_columns, ok_rows, reblock, reject, require, select_rows
+from .rows import TASK_CPUS, add_columns, ok_rows, reblock, reject, require, select_rows
 from .storage import check_location, location
-
-# Stateless stages are light; asking for little CPU leaves room for the actor pools on small nodes
-# (an actor pool that takes every CPU starves the read/map tasks and the job hangs silently).
-TASK_CPUS = 0.1
-
 
 def log(message: str) -> None:
     print(f"[synthesize] {message}", flush=True)

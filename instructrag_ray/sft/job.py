@@ -17,15 +17,13 @@ from ..console import Progress
 from ..errors import InputError, OutputConflict, TrainingError
 from ..models import load_chat_tokenizer
 from ..output import manifest_header, write_manifest, write_table
-from ..rows import rejected_record, rejected_table
+from ..rows import TASK_CPUS, rejected_record, rejected_table
 from ..storage import Location, check_location, dumps, location
 from .examples import INPUT_COLUMNS, ExampleStage, TemplateError, ft_texts, trainable
 from .loop import deepspeed_config, log, plan_steps, resolve_precision, train_loop_per_worker
 
 CHECKPOINTS, MODEL, METRICS, REJECTED, RUN, MANIFEST = (
     "checkpoints", "model", "metrics.jsonl", "rejected", "run.json", "manifest.json")
-# Stateless Ray Data tasks are light; little CPU leaves room for actors on small nodes (see synthesize.py).
-TASK_CPUS = 0.1
 
 
 def rationale_files(path: str) -> list[Location]:
