@@ -30,6 +30,7 @@ from .retrieval.stage import check_retrieval, index_fingerprint, retrieve
 from .rows import TASK_CPUS, add_columns, ok_rows, reblock, reject, require, select_rows
 from .storage import check_location, location
 
+
 def log(message: str) -> None:
     print(f"[synthesize] {message}", flush=True)
 
