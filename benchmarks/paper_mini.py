@@ -74,6 +74,11 @@ DATASET_LABELS = {"popqa-contriever": "PopQA, Contriever ctxs", "popqa-bm25": "P
                   "2wiki": "2WikiMultiHopQA, BM25", "nq": "NQ-open, BM25"}
 
 
+def _jsonl(path: Path) -> list[dict]:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _popqa_bm25(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     rows = json.loads((raw / "neuropath_hipporag2" / "popqa.json").read_text(encoding="utf-8"))
     qa = [{"id": f"popqa-{r['id']}", "question": r["question"], "answers": json.loads(r["possible_answers"])}
@@ -83,16 +88,14 @@ def _popqa_bm25(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 def _popqa_contriever(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """Self-RAG's PopQA long-tail rows with their 25 Contriever ctxs (the paper's retriever for PopQA)."""
-    with open(raw / "s2rag_popqa" / "popqa_longtail_w_gs_example.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _jsonl(raw / "s2rag_popqa" / "popqa_longtail_w_gs_example.jsonl")
     return [{"id": f"popqa-contriever-{r['id']}", "question": r["question"], "answers": r["answers"],
              "ctxs": r["ctxs"]} for r in rows], []
 
 
 def _twowiki(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """FlashRAG's 200 2WikiMultiHopQA dev rows; each question's 10 paragraphs go into the BM25 pool."""
-    with open(raw / "deepsearch_rl_flashrag200" / "2wikimultihopqa_dev_200.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _jsonl(raw / "deepsearch_rl_flashrag200" / "2wikimultihopqa_dev_200.jsonl")
     qa = [{"id": f"2wiki-{r['id']}", "question": r["question"], "answers": r["golden_answers"]} for r in rows]
     passages = [(title, " ".join(sentences)) for r in rows
                 for title, sentences in zip(r["metadata"]["context"]["title"], r["metadata"]["context"]["content"])]
@@ -101,8 +104,7 @@ def _twowiki(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 def _nq(raw: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """NQ-open dev questions of lost-in-the-middle; each one's gold passage goes into the BM25 pool."""
-    with gzip.open(raw / "lost_in_the_middle_nq" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _jsonl(raw / "lost_in_the_middle_nq" / "nq-open-oracle.jsonl.gz")
     qa = [{"id": f"nq-{i}", "question": r["question"], "answers": r["answers"]} for i, r in enumerate(rows)]
     return qa, [(c["title"], c["text"]) for r in rows for c in r["ctxs"]]
 
