@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -197,9 +198,14 @@ def main(argv=None) -> None:
     print(f"BM25 pool: {data['passages']} paragraphs")
     common = [f"prompt.num_docs={k}", "progress_interval_s=30"]
     if data["passages"]:
-        index = out / "index"
-        _, times["index"] = timed("BM25 index", build_index, load_config(BuildIndexConfig, None, [
-            f"corpus={out / 'data' / 'corpus.jsonl'}", f"index={index}", "overwrite=true"]))
+        index, corpus = out / "index", out / "data" / "corpus.jsonl"
+        # A rerun keeps the index built from the same pool: a rebuilt index has a new fingerprint, and
+        # the synthesis output written against the old one would refuse to resume.
+        stamp, digest = out / "index.corpus.sha256", hashlib.sha256(corpus.read_bytes()).hexdigest()
+        if not (stamp.exists() and stamp.read_text() == digest and (index / "meta.json").exists()):
+            _, times["index"] = timed("BM25 index", build_index, load_config(BuildIndexConfig, None, [
+                f"corpus={corpus}", f"index={index}", "overwrite=true"]))
+            stamp.write_text(digest)
         common += [f"retrieval.index_path={index}", f"retrieval.top_k={k}"]
     decode = [f"generation.model={MODEL}", "generation.repetition_penalty=1.2", "generation.batch_size=16",
               "generation.micro_batch_size=8", f"generation.num_cpus={args.threads}"]
